@@ -1,0 +1,200 @@
+"""The NCA data engine: rules, rollout, tokenizer, filter, batches, Dyck. CPU, offline, seconds."""
+import gzip
+import os
+import subprocess
+import sys
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+
+def small_rollout(nca, R=6, steps=5, temperature=0.0, first=0):
+    keys, rules = nca.candidate_rules('train', 0, first, R)
+    grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), nca.n_states, nca.grid)
+    return rules, grid0, keys, nca.rollout(rules, grid0, steps, keys, temperature)
+
+
+def test_shapes_and_ranges(nca):
+    rules, grid0, keys, frames = small_rollout(nca, temperature=1e-4)
+    assert rules.shape == (6, 584)  # the paper's 614 parameters less 30 biases that are always zero
+    assert grid0.shape == (6, 12, 12) and frames.shape == (6, 6, 12, 12)
+    assert frames.min() >= 0 and frames.max() < nca.n_states
+    assert torch.equal(frames[:, 0], grid0)
+    # lecun normal truncated at 2 std: the 3x3 conv's fan-in is 9 * 10
+    conv1 = nca.unpack_rules(nca.candidate_rules('train', 0, 0, 4096)[1], 10)[0]
+    assert abs(conv1.std().item() - (1 / 90) ** 0.5) < 0.003
+    assert conv1.abs().max().item() <= 2 * (1 / 90) ** 0.5 / 0.8796 + 1e-6
+    tokens = nca.tokenize(frames, nca.n_states, nca.patch)
+    assert tokens.shape == (6, 6 * 38) and tokens.max() <= 10001 and tokens.min() >= 0
+
+
+def test_rollout_is_the_papers_conv_network(nca):
+    """The lookup-table rollout equals the plain network: wrap-pad, conv3x3, conv1x1, ReLU, conv1x1."""
+    rules, grid0, keys, frames = small_rollout(nca, R=5, steps=6)
+    n = nca.n_states
+    for r in range(5):
+        w1, w2, w3 = [w[0] for w in nca.unpack_rules(rules[r:r + 1], n)]
+        state = grid0[r]
+        for t in range(6):
+            x = F.one_hot(state, n).permute(2, 0, 1).float()[None]           # (1, n, S, S)
+            h = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='circular'), w1)
+            h = F.relu(F.conv2d(h, w2[:, :, None, None]))
+            state = F.conv2d(h, w3[:, :, None, None])[0].argmax(0)
+            assert torch.equal(state, frames[r, t + 1]), (r, t)
+
+
+def test_tokens_to_grids_round_trip(nca):
+    _, _, _, frames = small_rollout(nca, temperature=1e-4)
+    tokens = nca.tokenize(frames, 10, 2)
+    assert torch.equal(nca.detokenize(tokens, 10, 2, 12), frames)
+    assert torch.equal(nca.tokenize(nca.detokenize(tokens, 10, 2, 12), 10, 2), tokens)
+    # a patch's cells are its token's base-n digits, row-major
+    grid = torch.zeros(1, 1, 12, 12, dtype=torch.long)
+    grid[0, 0, 0, :2] = torch.tensor([1, 2])
+    grid[0, 0, 1, :2] = torch.tensor([3, 4])
+    assert nca.tokenize(grid, 10, 2)[0, 1].item() == 1 + 2 * 10 + 3 * 100 + 4 * 1000
+    with pytest.raises(ValueError):
+        nca.detokenize(tokens[:, :-1], 10, 2, 12)
+    bad = tokens.clone()
+    bad[0, 0] = 5
+    with pytest.raises(ValueError):
+        nca.detokenize(bad, 10, 2, 12)
+
+
+@pytest.mark.parametrize('shift', [(1, 0), (0, 5), (7, 11)])
+def test_torus_equivariance(nca, shift):
+    rules, grid0, keys, frames = small_rollout(nca, steps=8)
+    shifted = nca.rollout(rules, grid0.roll(shift, dims=(1, 2)), 8, keys, 0.0)
+    assert torch.equal(shifted, frames.roll(shift, dims=(2, 3)))
+    assert not torch.equal(frames[:, 1:], frames[:, :1].expand_as(frames[:, 1:]))  # the grids do move
+
+
+@pytest.mark.parametrize('batch', ['nca_batch', 'dyck_batch'])
+def test_same_seed_same_data_whatever_the_batch_size(nca, batch):
+    nca.num_rules, nca.num_val_rules, nca.seq_len = 16, 8, 128
+    get = getattr(nca, batch)
+    for split in ('train', 'val'):
+        x8, y8 = get(split, 1, 8)        # sequences 8..15
+        x4, y4 = get(split, 3, 4)        # sequences 12..15
+        assert torch.equal(x8[4:], x4) and torch.equal(y8[4:], y4)
+    assert not torch.equal(get('train', 0, 8)[0], get('val', 0, 8)[0])
+    nca.seed += 1
+    assert not torch.equal(get('train', 1, 8)[0], x8)
+
+
+def test_gzip_ratio_of_known_bytes(nca):
+    zeros = np.zeros(360, dtype=np.int64)  # 1,440 bytes as int32
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)    # raw deflate, no header
+    raw_len = len(deflate.compress(bytes(1440)) + deflate.flush())
+    # gzip = 10-byte header + deflate + 8-byte trailer (CRC, size): 18 + 14 bytes for 1,440 zeros
+    assert nca.gzip_ratio(zeros) == (18 + raw_len) / 1440 == 32 / 1440
+    tokens = np.random.default_rng(0).integers(0, 10000, 360)
+    ratio = nca.gzip_ratio(tokens)
+    assert 0.5 < ratio < 0.75
+    # the convention matters: the same tokens as uint16 bytes score far higher
+    raw16 = tokens.astype('<u2').tobytes()
+    assert len(gzip.compress(raw16, 9)) / len(raw16) > ratio + 0.2
+
+
+def test_rejection_sampling_keeps_the_in_band_candidates_in_order(nca):
+    nca.gzip_lower, nca.gzip_upper = 0.3, 0.5
+    keys, rules = nca.candidate_rules('train', 0, 0, 256)
+    ratio = nca.rule_complexity(rules, keys)
+    expected = rules[(0.3 < ratio) & (ratio < 0.5)][:20]
+    assert 20 < ((0.3 < ratio) & (ratio < 0.5)).sum() < 200
+    assert torch.equal(nca.get_rule_set('train', 0, 20, chunk=32), expected)
+    nca._rule_sets.clear()
+    assert torch.equal(nca.get_rule_set('train', 0, 20, chunk=256), expected)
+    nca.gzip_lower, nca.gzip_upper = 0.999, 1.0
+    with pytest.raises(SystemExit, match='widen the band'):
+        nca.get_rule_set('train', 0, 20, chunk=32)
+
+
+def test_gzip_ratios_match_the_authors_generator(nca):
+    """The authors' generator, 1024 random rules: median 0.49, quartiles 0.28 / 0.57, 46% in 0.5-1.0,
+    10% in 0.3-0.4. Tolerances are a few standard errors of 1024 samples (the lower quartile sits on a
+    steep part of the distribution and moves +-0.04 between seeds)."""
+    keys, rules = nca.candidate_rules('train', 0, 0, 1024)
+    r = nca.rule_complexity(rules, keys).numpy()
+    q25, q50, q75 = np.quantile(r, [0.25, 0.5, 0.75])
+    assert abs(q50 - 0.49) < 0.03 and abs(q75 - 0.57) < 0.02 and abs(q25 - 0.28) < 0.07
+    assert abs(((0.5 < r) & (r < 1.0)).mean() - 0.46) < 0.04
+    assert abs(((0.3 < r) & (r < 0.4)).mean() - 0.10) < 0.03
+
+
+def test_start_end_positions_and_loss_mask(nca):
+    nca.num_rules, nca.seq_len = 8, 200
+    x, y = nca.nca_batch('train', 0, 4)
+    assert x.shape == y.shape == (4, 200)
+    seq = torch.cat([x, y[:, -1:]], 1)
+    for t in range(0, 200, 38):
+        assert (x[:, t] == 10000).all()
+    for t in range(37, 200, 38):
+        assert (x[:, t] == 10001).all()
+    assert (y[:, :37] == -1).all()                        # the first frame is context only
+    kept = y[:, 37:] != -1
+    target = seq[:, 1:]
+    assert torch.equal(y[:, 37:][kept], target[:, 37:][kept])
+    assert (target[:, 37:][~kept] >= 10000).all()          # what is masked after frame 0: START/END only
+    assert ((y == -1) | (y < 10000)).all()
+
+
+def test_rules_are_resampled_every_epoch(nca):
+    nca.num_rules, nca.seq_len = 8, 76
+    nca.nca_batch('train', 1, 8)                          # epoch 1
+    assert {k[1] for k in nca._rule_sets if k[0] == 'train'} == {1}
+    nca._rule_sets.clear()
+    nca.rule_resample = 0
+    nca.nca_batch('train', 1, 8)
+    assert {k[1] for k in nca._rule_sets if k[0] == 'train'} == {0}
+
+
+def test_dyck_sequences_are_balanced_and_within_depth(nca):
+    x, y = nca.dyck_batch('train', 0, 16)
+    assert x.shape == (16, 1024) and torch.equal(x[:, 1:], y[:, :-1])
+    k, max_depth, deepest = nca.dyck_k, nca.dyck_depth, 0
+    for seq in torch.cat([x, y[:, -1:]], 1).tolist():
+        stack = []
+        for t in seq:
+            assert 0 <= t < 2 * k
+            if t < k:
+                stack.append(t)
+            else:
+                assert stack and stack.pop() == t - k    # closes the most recent open bracket
+            assert len(stack) <= max_depth
+            deepest = max(deepest, len(stack))
+    assert deepest == max_depth
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'nca_gpt.py'), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_show_writes_json(tmp_path):
+    out = tmp_path / 'show.json'
+    p = run_script('--stage', 'show', '--num_rules=64', '--seed', '3', '--device=cpu', f'--json={out}')
+    assert p.returncode == 0, p.stderr
+    assert 'gzip ratio of 64 candidate rules' in p.stdout and 'Zipf slope' in p.stdout
+    stats = json.loads(out.read_text())
+    assert len(stats['gzip_ratios']) == 64 and 0 < stats['acceptance'] < 1
+    assert abs(stats['acceptance'] - np.mean([0.5 < r < 1.0 for r in stats['gzip_ratios']])) < 1e-9
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--stage=nope'], 'is not one of: show'),
+    (['--nope=1'], 'unknown option --nope; valid options:'),
+    (['--num_rules', 'many'], '--num_rules=many is not a valid int'),
+    (['--num_rules'], '--num_rules needs a value'),
+    (['stage'], 'unexpected argument'),
+])
+def test_bad_options_are_one_line_errors(args, message):
+    p = run_script(*args)
+    assert p.returncode != 0 and message in p.stderr and 'Traceback' not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
