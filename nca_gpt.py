@@ -17,36 +17,101 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# config
-stage = 'nca'           # show | nca | dyck
+# config: module-level values, each overridable as --key=value or --key value
+stage = 'nca'           # show | nca | dyck | lm | sft
+preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise); see PRESETS below
+out_dir = ''            # where checkpoints and log.jsonl go ('' = out-{stage})
+init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | path of a checkpoint of any stage to transfer from
 seed = 1337             # one seed gives the same rules, sequences and losses
-device = ''             # '' picks cuda, then mps, then cpu
-# NCA data: the defaults are the paper's (its public code)
+# I/O
+eval_interval = 250     # evaluate and checkpoint every this many steps
+eval_iters = 20         # batches per evaluation
+log_interval = 10       # print a line every this many steps
+# data: NCA (the defaults are the paper's, from its public code)
 grid = 12               # the torus is grid x grid cells
 n_states = 10           # each cell holds one of n_states colours
 patch = 2               # a patch x patch block of cells is one token: vocabulary n_states ** (patch * patch)
 temperature = 1e-4      # softmax temperature of the update; 0 means exact argmax
 identity_bias = 0.0     # added to the logit of a cell's current state (>0 makes rules lazier)
 burn_in = 10            # steps simulated and dropped before the first frame
-seq_len = 1024          # tokens per sequence (the model's context)
 gzip_lower = 0.5        # keep a rule when gzip_lower < ratio < gzip_upper: (0.5, 1.0) for web text
 gzip_upper = 1.0        #   and math, (0.3, 0.4) for code in the paper
 gzip_frames = 10        # frames after burn-in that the filter compresses
 num_rules = 16000       # training rules per epoch (--stage show: candidate rules to analyse)
 num_val_rules = 2000    # held-out rules, never trained on
 rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run (the authors' code)
-# Dyck control
+# data: Dyck control
 dyck_k = 64             # bracket types: vocabulary 2 * dyck_k
 dyck_depth = 16         # maximum nesting depth
 dyck_p_open = 0.5       # probability of opening when both moves are allowed
+# data: lm and sft read what prepare_data.py wrote
+dataset = 'openwebtext' # folder under data_dir
+data_dir = 'data'
+# model (Llama-style: RMSNorm, RoPE, SwiGLU, untied head)
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024       # context length; NCA and Dyck sequences are this long
+dropout = 0.0           # attention dropout (the paper: 0.1)
+# transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head re-initialised
+reinit = ''             # also re-initialise parts: e.g. 'attn', 'mlp:0-11', 'attn:12-23,norm'
+freeze = ''             # parts to keep fixed, same syntax; 'emb' and 'head' too
+keep_embeddings = False # keep embedding and head when the vocabulary is the same (the C4 "no re-init" control)
+# optimisation (AdamW; the NCA stage's Adam is AdamW with weight_decay 0)
+batch_size = 16         # sequences per micro-step per process
+gradient_accumulation_steps = 2  # micro-steps per update, over all processes (32 sequences per update)
+max_iters = 5000        # updates
+max_tokens = 0          # if > 0, train on this many tokens instead (the C4 baseline's budget)
+epochs = 0.0            # if > 0, train this many passes over the data instead (sft: 10 for GSM8K)
+learning_rate = 1e-4    # peak
+min_lr = 0.0            # floor of the cosine
+warmup_iters = 5000     # linear warm-up
+lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters); the paper's NCA run stops at peak lr
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0         # 0 disables
+# system
+device = ''             # '' picks cuda, then mps, then cpu
+dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
+compile = False         # torch.compile the model
 # --stage show
 json = ''               # also write the statistics to this path
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+
+# Presets set many values at once: defaults < preset ('all', then the stage's) < the command line.
+PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4, weight_decay=1e-4, min_lr=0.0,
+                max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
+PRESETS = {
+    # any CPU, a few minutes: every stage end to end, small enough that the loss visibly falls
+    'tiny': {'all': dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=8, gradient_accumulation_steps=1,
+                         learning_rate=2e-3, min_lr=2e-4, max_iters=300, warmup_iters=30, lr_decay_iters=300,
+                         eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000, num_val_rules=200),
+             'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
+    # one GPU: GPT-2 small's shape (85M parameters without embeddings) on the paper's 164M NCA tokens
+    'small': {'all': dict(n_layer=12, n_head=12, n_embd=768, compile=True, eval_interval=500),
+              'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4),
+              'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4),
+              'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4, weight_decay=1e-4,
+                         max_iters=5000, warmup_iters=500, lr_decay_iters=5000, min_lr=6e-5),
+              'sft': dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
+                          lr_decay_iters=0)},
+    # the paper: 1.6B parameters; NCA: Adam 1e-4, 32 x 1024 tokens, 5,000 updates, stop at the end of warm-up
+    'paper': {'all': dict(n_layer=24, n_head=32, n_embd=2048, dropout=0.1, compile=True, eval_interval=500),
+              'lm': PAPER_LM,
+              'sft': dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
+                          lr_decay_iters=0)},
+}
+CHOICES = {'stage': ['show', 'nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
+           'dtype': ['', 'float32', 'bfloat16', 'float16']}
 # -----------------------------------------------------------------------------
 
 # =============================================================================
@@ -57,7 +122,7 @@ json = ''               # also write the statistics to this path
 # batch size, the number of GPUs, the device, or where a resumed run picks up.
 
 MASK32 = 0xFFFFFFFF
-RULES, SEQUENCES, ORDER, DYCK, GRID = 1, 2, 3, 4, 5  # streams: what the random numbers are for
+RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT = 1, 2, 3, 4, 5, 6, 7  # streams: what the numbers are for
 SPLITS = {'train': 0, 'val': 1}
 
 
@@ -76,11 +141,20 @@ def make_key(*ids):
     return h
 
 
+def hash_bits(keys, n):
+    """keys (N,) int64 -> (N, n) int64 of 32 random bits: counter k of key j."""
+    return mix32(keys[:, None] ^ mix32(torch.arange(n, device=keys.device) + 0x9E3779B))
+
+
 def uniform(keys, n):
-    """keys (N,) int64 -> (N, n) float32 uniforms strictly inside (0, 1), counter k of key j."""
-    counters = mix32(torch.arange(n, device=keys.device) + 0x9E3779B)
-    x = mix32(keys[:, None] ^ counters)
-    return ((x >> 9).float() + 0.5) / 2 ** 23  # 23 bits: exact in float32, never 0 or 1
+    """keys (N,) -> (N, n) float32 uniforms strictly inside (0, 1)."""
+    return ((hash_bits(keys, n) >> 9).float() + 0.5) / 2 ** 23  # 23 bits: exact in float32, never 0 or 1
+
+
+def randint(keys, n, high):
+    """keys (N,) -> (N, n) int64 in [0, high), from 62 random bits (uniform enough for any corpus)."""
+    bits = hash_bits(keys, 2 * n).view(-1, n, 2)
+    return ((bits[..., 0] << 30) ^ bits[..., 1]) % high
 
 
 def categorical(probs, u):
@@ -252,11 +326,11 @@ def frame_len():
 
 
 def nca_sequences(rules, keys):
-    """rules (B, P), keys (B,) -> (B, seq_len + 1) tokens: one rule and one initial grid per sequence."""
-    n_frames = -(-(seq_len + 1) // frame_len())  # 27 frames at the defaults
+    """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per sequence."""
+    n_frames = -(-(block_size + 1) // frame_len())  # 27 frames at the defaults
     grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
     frames = rollout(rules, grid0, burn_in + n_frames - 1, keys, temperature, identity_bias)[:, burn_in:]
-    return tokenize(frames, n_states, patch)[:, :seq_len + 1]
+    return tokenize(frames, n_states, patch)[:, :block_size + 1]
 
 
 def sequence_ids(index, batch_size):
@@ -265,7 +339,7 @@ def sequence_ids(index, batch_size):
 
 @torch.no_grad()
 def nca_batch(split, index, batch_size):
-    """Batch `index` of a split -> X, Y (B, seq_len) long on the device, Y = -1 where there is no loss.
+    """Batch `index` of a split -> X, Y (B, block_size) long on the device, Y = -1 where there is no loss.
     Sequence i is the i-th of the split: epoch i // R uses rule set epoch // rule_resample in a fresh
     order, each rule once, with a fresh initial grid. Validation batches come from held-out rules."""
     count = num_rules if split == 'train' else num_val_rules
@@ -286,9 +360,9 @@ def nca_batch(split, index, batch_size):
 @torch.no_grad()
 def dyck_batch(split, index, batch_size):
     """k-Dyck sequences (prefixes of balanced words): token t < k opens bracket type t, k + t closes it.
-    -> X, Y (B, seq_len) long. Depth stays in [0, dyck_depth]; at depth 0 the next bracket must open,
+    -> X, Y (B, block_size) long. Depth stays in [0, dyck_depth]; at depth 0 the next bracket must open,
     at full depth it must close, otherwise it opens with probability dyck_p_open."""
-    B, L = batch_size, seq_len + 1
+    B, L = batch_size, block_size + 1
     u = uniform(make_key(seed, SPLITS[split], DYCK, sequence_ids(index, batch_size)), 2 * L).view(B, L, 2)
     stack = torch.zeros(B, dyck_depth, dtype=torch.long, device=device)  # open bracket types
     depth = torch.zeros(B, dtype=torch.long, device=device)
@@ -304,8 +378,452 @@ def dyck_batch(split, index, batch_size):
     return seq[:, :-1], seq[:, 1:]
 
 
+# --- language data: what prepare_data.py wrote ---------------------------------
+EOT = 50256  # GPT-2's <|endoftext|>; tiktoken's r50k_base has the same ids as gpt2
+
+
+def dataset_meta(name):
+    path = os.path.join(data_dir, name, 'meta.json')
+    if not os.path.exists(path):
+        die(f"no dataset {name!r} in {data_dir}/: run `python prepare_data.py {name}` first")
+    return jsonlib.load(open(path))
+
+
+def lm_batch(split, index, batch_size):
+    """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the batch index."""
+    meta = dataset_meta(dataset)
+    path = os.path.join(data_dir, dataset, f'{split}.bin')
+    n = meta[f'{split}_tokens']
+    if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
+        die(f"{path} is missing or not {n} uint16 tokens as meta.json says: run `python prepare_data.py {dataset}`")
+    if n <= block_size + 1:
+        die(f"{path} holds {n} tokens, too few for --block_size={block_size}")
+    data = np.memmap(path, dtype=np.uint16, mode='r')  # re-opened each batch: a long-lived memmap leaks (nanoGPT)
+    starts = randint(make_key(seed, SPLITS[split], LM, torch.tensor([index])), batch_size, n - block_size - 1)[0]
+    xy = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
+_sft_cache = {}
+
+
+def sft_examples(split):
+    """prompt/answer pairs -> list of (tokens, prompt length); the answer ends with EOT."""
+    path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
+    if path not in _sft_cache:
+        if not os.path.exists(path):
+            die(f"no {path}: run `python prepare_data.py {dataset}` first")
+        enc = gpt2_encoding()
+        rows = [jsonlib.loads(line) for line in open(path) if line.strip()]
+        _sft_cache[path] = [(p + a + [EOT], len(p)) for p, a in
+                            zip(enc.encode_ordinary_batch([r['prompt'] for r in rows]),
+                                enc.encode_ordinary_batch([r['answer'] for r in rows]))]
+    return _sft_cache[path]
+
+
+def sft_batch(split, index, batch_size):
+    """Fine-tuning batches: X, Y (B, block_size), loss on the answer only. Each epoch visits every example
+    once, in an order hashed from (seed, epoch)."""
+    examples = sft_examples(split)
+    x = torch.full((batch_size, block_size), EOT, dtype=torch.long)
+    y = torch.full((batch_size, block_size), -1, dtype=torch.long)
+    for b, i in enumerate(sequence_ids(index, batch_size).tolist()):
+        order = uniform(make_key(seed, SPLITS[split], SFT, torch.tensor([i // len(examples)])), len(examples))[0].argsort()
+        tokens, n_prompt = examples[order[i % len(examples)]]
+        tokens = torch.tensor(tokens[:block_size + 1])
+        x[b, :len(tokens) - 1] = tokens[:-1]
+        y[b, n_prompt - 1:len(tokens) - 1] = tokens[n_prompt:]  # targets of answer tokens only
+    return x.to(device), y.to(device)
+
+
+def gpt2_encoding():
+    import tiktoken
+    return tiktoken.get_encoding('r50k_base')  # GPT-2's ranks; needs one file, cached (TIKTOKEN_CACHE_DIR)
+
+
+def get_batch(split, index):
+    return {'nca': nca_batch, 'dyck': dyck_batch, 'lm': lm_batch, 'sft': sft_batch}[stage](split, index, batch_size)
+
+
+def stage_vocab():
+    """What the token ids of this stage mean; the embedding and head are sized (and padded) from it."""
+    if stage == 'nca':
+        return dict(kind='nca', size=n_states ** (patch * patch) + 2, n_states=n_states, patch=patch, grid=grid)
+    if stage == 'dyck':
+        return dict(kind='dyck', size=2 * dyck_k)
+    return dict(kind='gpt2', size=50257)
+
+
 # =============================================================================
-# 2. --stage show: see the automata and the statistics of the filter
+# 2. The GPT: Llama-style (pre-norm RMSNorm, rotary positions, SwiGLU, untied head)
+# =============================================================================
+def rotary(T, head_dim, device, theta=1e4):
+    """cos, sin (T, head_dim / 2) of the rotary position embedding."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(T, device=device).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):  # x (B, nh, T, hs): rotate pairs (x1, x2) of the two halves
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):  # SwiGLU, hidden 4 x width as in the paper
+    def __init__(self, n_embd):
+        super().__init__()
+        self.gate_up = nn.Linear(n_embd, 2 * 4 * n_embd, bias=False)
+        self.down = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head, dropout):
+        super().__init__()
+        self.norm1, self.attn = nn.RMSNorm(n_embd), Attention(n_embd, n_head, dropout)
+        self.norm2, self.mlp = nn.RMSNorm(n_embd), MLP(n_embd)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0):
+        super().__init__()
+        self.n_layer, self.n_head, self.block_size = n_layer, n_head, block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.norm = nn.RMSNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.apply(self.init_weights)
+
+    def init_weights(self, module):
+        """N(0, 0.02); the projections into the residual stream scaled by 1/sqrt(2 n_layer) (GPT-2)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * self.n_layer) if module in self.residual_projections() else 0.02
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.RMSNorm):
+            torch.nn.init.ones_(module.weight)
+
+    def residual_projections(self):
+        return [m for b in self.blocks for m in (b.attn.proj, b.mlp.down)]
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> logits (B, T, V); with targets (B, T), -1 = no loss: also the mean loss."""
+        T = idx.size(1)
+        cos, sin = rotary(T, self.wte.embedding_dim // self.n_head, idx.device)
+        x = self.wte(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token: 6 per weight plus attention's 12 * L * C * T (PaLM appendix B)."""
+        N = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel()
+        return 6 * N + 12 * self.n_layer * self.wte.embedding_dim * T
+
+
+# =============================================================================
+# 3. Transfer: keep the blocks, re-initialise the embedding and the head
+# =============================================================================
+def parts(spec, model):
+    """'attn:0-11,mlp,norm,emb,head' -> the modules it names (a layer range applies to attn, mlp, norm)."""
+    found = []
+    for item in filter(None, spec.split(',')):
+        name, _, layers = item.partition(':')
+        lo, _, hi = layers.partition('-')
+        blocks = model.blocks[int(lo):int(hi or lo) + 1] if layers else model.blocks
+        if name == 'emb':
+            found.append(model.wte)
+        elif name == 'head':
+            found.append(model.head)
+        elif name in ('attn', 'mlp', 'norm'):
+            found += [m for b in blocks for m in ([b.norm1, b.norm2] if name == 'norm' else [getattr(b, name)])]
+            found += [model.norm] if name == 'norm' and not layers else []
+        else:
+            die(f"cannot read {item!r} in {spec!r}: parts are attn, mlp, norm (with an optional :first-last "
+                f"layer range), emb, head")
+    return found
+
+
+def transfer(model, source, same_vocab):
+    """Load a checkpoint of another stage into a model of this stage's vocabulary."""
+    state = {k: v for k, v in source['model'].items() if not k.startswith(('wte.', 'head.'))}
+    if keep_embeddings:
+        if not same_vocab:
+            die("--keep_embeddings needs the same vocabulary in both stages (it is only for lm -> lm)")
+        state = source['model']
+    target = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+                  for k, v in state.items() if k in target and v.shape != target[k].shape]
+    missing = sorted(set(k for k in target if not k.startswith(('wte.', 'head.'))) - set(state))
+    if mismatched or missing:
+        die(f"the checkpoint's blocks do not fit this model ({'; '.join(mismatched + missing[:5])}): "
+            f"give the same --n_layer/--n_head/--n_embd as the checkpoint's")
+    model.load_state_dict(state, strict=False)          # wte and head keep their fresh initialisation
+    for module in parts(reinit, model):                 # the paper's ablations: re-initialise more
+        module.apply(model.init_weights)
+    for module in parts(freeze, model):
+        module.requires_grad_(False)
+
+
+# =============================================================================
+# 4. Training: one loop for every stage
+# =============================================================================
+def tokens_per_iter():
+    return batch_size * gradient_accumulation_steps * block_size
+
+
+def get_lr(it):
+    """Linear warm-up, then cosine down to min_lr by lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, ctx):
+    """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the
+    in-context signal: later frames should be easier once the rule is inferred."""
+    model.eval()
+    losses, frame_sum, frame_count, correct, total = [], 0, 0, 0, 0
+    for k in range(eval_iters):
+        x, y = get_batch('val', k)
+        with ctx:
+            logits, loss = model(x, y)
+        losses.append(loss.item())
+        if stage == 'nca':
+            mask = y != -1
+            token_loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')
+            frame = (torch.arange(y.size(1), device=y.device) + 1) // frame_len()           # frame of each target
+            frame_sum = frame_sum + torch.zeros(frame.max() + 1, device=y.device).index_add_(0, frame, (token_loss * mask).sum(0))
+            frame_count = frame_count + torch.zeros(frame.max() + 1, device=y.device).index_add_(0, frame, mask.sum(0).float())
+            correct += ((logits.argmax(-1) == y) & mask).sum().item()
+            total += mask.sum().item()
+    model.train()
+    out = dict(val_loss=float(np.mean(losses)))
+    if stage == 'nca':
+        out['frame_loss'] = [round(v, 4) for v in (frame_sum[1:] / frame_count[1:]).tolist()]
+        out['next_frame_acc'] = correct / total
+    return out
+
+
+def apply_preset(overrides):
+    """Defaults < preset < the command line."""
+    name = overrides.get('preset', preset) or ('small' if pick_device() == 'cuda' else 'tiny')
+    if not overrides.get('preset', preset) and int(os.environ.get('RANK', 0)) == 0:
+        print(f"no --preset given: {name}" + (" (no GPU here: a few minutes on a CPU; --preset=small or paper "
+                                                "for real runs)" if name == 'tiny' else ''))
+    values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(overrides.get('stage', stage), {})}
+    globals().update(values, preset=name)
+
+
+def train():
+    global device, dtype, out_dir, max_iters, lr_decay_iters
+    # distributed: torchrun sets RANK; one process per GPU (or several on a CPU with gloo)
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    if ddp:
+        if device == 'cuda':
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        if gradient_accumulation_steps % world:
+            die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world} processes")
+    master = rank == 0
+    micro_steps = gradient_accumulation_steps // world  # per process; together the same update as one process
+    out_dir = out_dir or f'out-{stage}'
+    device_type = 'cuda' if device.startswith('cuda') else device
+    dtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32')
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = torch.autocast(device_type, dtype=ptdtype) if dtype != 'float32' else nullcontext()
+    torch.manual_seed(seed + rank)  # model init (overwritten on resume) and dropout
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # the run's length: updates, or a token budget, or passes over the data
+    n_examples = {'nca': num_rules, 'sft': len(sft_examples('train')) if stage == 'sft' else 0}.get(stage, 0)
+    if max_tokens:
+        max_iters = -(-max_tokens // tokens_per_iter())
+    elif epochs and n_examples:
+        max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
+    lr_decay_iters = lr_decay_iters or max_iters
+
+    # model: from scratch, resumed, or transferred from another stage's checkpoint
+    vocab = stage_vocab()
+    vocab_size = -(-vocab['size'] // 64) * 64  # padded to a multiple of 64: faster matmuls, the rest unused
+    model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout)
+    iter_num, best_val_loss, checkpoint = 0, float('inf'), None
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume':
+        checkpoint = load_checkpoint(ckpt_path)
+        model_args, iter_num, best_val_loss = checkpoint['model_args'], checkpoint['iter_num'], checkpoint['best_val_loss']
+    model = GPT(**model_args)
+    if init_from == 'resume':
+        model.load_state_dict(checkpoint['model'])
+    elif init_from != 'scratch':
+        source = load_checkpoint(os.path.join(init_from, 'ckpt.pt') if os.path.isdir(init_from) else init_from)
+        transfer(model, source, same_vocab=source['vocab'] == vocab)
+        if master:
+            print(f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
+                  f"embedding and head fresh for {vocab['kind']}" + (f"; reinit {reinit}" if reinit else '')
+                  + (f"; frozen {freeze}" if freeze else ''))
+    model.to(device)
+
+    # optimiser: AdamW, decay on matrices only, fused on CUDA
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        torch.set_rng_state(checkpoint['rng'][rank % len(checkpoint['rng'])])
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"stage {stage}, preset {preset}, {device} {dtype}, {world} process(es); {n_params / 1e6:.2f}M parameters "
+              f"({(n_params - 2 * raw_model.wte.weight.numel()) / 1e6:.2f}M without embedding and head)")
+        print(f"{max_iters} updates x {tokens_per_iter():,} tokens = {max_iters * tokens_per_iter() / 1e6:,.1f}M tokens, "
+              f"from step {iter_num}; writing to {out_dir}/")
+        print('config: ' + ' '.join(f"{k}={globals()[k]}" for k in config_keys))
+        log = open_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+
+    def save(it):
+        rng = [torch.get_rng_state()]
+        if ddp:  # each process's dropout stream, so that a resume continues all of them
+            rng = [None] * world
+            torch.distributed.all_gather_object(rng, torch.get_rng_state())
+        if master:
+            ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
+                        iter_num=it, best_val_loss=best_val_loss, config={k: globals()[k] for k in config_keys},
+                        stage=stage, vocab=vocab, rng=rng)
+            atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+
+    # the loop
+    flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter()
+    peak_flops = peak_flops_per_s(device)
+    t_start, t_last, tokens_seen, start_iter = time.time(), time.time(), 0, iter_num
+    while True:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        if iter_num % eval_interval == 0 and (iter_num > start_iter or init_from != 'resume') or iter_num == max_iters:
+            stats = evaluate(model, ctx)
+            check_finite(stats['val_loss'], iter_num, 'validation', ckpt_path)
+            best_val_loss = min(best_val_loss, stats['val_loss'])
+            if master:
+                extra = ''
+                if stage == 'nca':
+                    fl = stats['frame_loss']
+                    extra = (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
+                             f" | next-frame acc {stats['next_frame_acc']:.1%}")
+                print(f"step {iter_num}: val loss {stats['val_loss']:.4f} (ppl {math.exp(min(stats['val_loss'], 50)):.2f}){extra}")
+                log_write(log, dict(step=iter_num, **stats))
+            save(iter_num)
+        if iter_num >= max_iters:
+            break
+        for micro in range(micro_steps):
+            x, y = get_batch('train', iter_num * gradient_accumulation_steps + micro * world + rank)
+            if ddp:  # average gradients across processes on the last micro-step only
+                model.require_backward_grad_sync = micro == micro_steps - 1
+            with ctx:
+                _, loss = model(x, y)
+            scaler.scale(loss / micro_steps).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        tokens_seen += tokens_per_iter()
+        if iter_num % log_interval == 0 and master:
+            lossf = loss.item()  # of the last micro-step: a sync point, so only at log time
+            check_finite(lossf, iter_num, 'training', ckpt_path)
+            dt = (time.time() - t_last) / log_interval
+            t_last = time.time()
+            mfu = f" | mfu {flops_per_iter / dt / peak_flops:.1%}" if peak_flops else ''
+            eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
+            print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {tokens_per_iter() / dt:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+            log_write(log, dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=tokens_per_iter() / dt, time=time.time() - t_start))
+    if master:
+        print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {(time.time() - t_start) / 60:.1f} min; "
+              f"val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+def check_finite(value, it, what, ckpt_path):
+    if not math.isfinite(value):
+        die(f"the {what} loss is {value} at step {it}: stopping. The last good checkpoint is {ckpt_path} "
+            f"(if any); try a lower --learning_rate or --dtype=float32")
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        die(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        die(f"cannot read the checkpoint {path}: {type(e).__name__}: {e}")
+
+
+def open_log(path, step):
+    """log.jsonl, one JSON object a line; on resume the lines after the checkpoint's step are dropped."""
+    kept = [line for line in open(path) if jsonlib.loads(line)['step'] <= step] if step and os.path.exists(path) else []
+    log = open(path, 'w')
+    log.writelines(kept)
+    return log
+
+
+def log_write(log, record):
+    log.write(jsonlib.dumps(record) + '\n')
+    log.flush()
+
+
+def peak_flops_per_s(device):
+    """bf16 dense peak of the GPU, for MFU; None where unknown."""
+    if not device.startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12),
+                                  ('4090', 165e12)] if key in name), None)
+
+
+# =============================================================================
+# 5. --stage show: see the automata and the statistics of the filter
 # =============================================================================
 PALETTE = [196, 46, 21, 226, 201, 51, 255, 130, 240, 208]  # xterm-256 colours, one per state
 
@@ -387,9 +905,6 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-config_keys = [k for k, v in list(globals().items())
-               if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str))]
-CHOICES = {'stage': ['show', 'nca', 'dyck']}
 
 
 def die(msg):
@@ -397,8 +912,8 @@ def die(msg):
 
 
 def configure(argv):
-    """Apply --key=value / --key value overrides to the config above, checking names and types."""
-    args = list(argv)
+    """Apply a preset, then the --key=value / --key value overrides, checking names, types and choices."""
+    overrides, args = {}, list(argv)
     while args:
         arg = args.pop(0)
         if not arg.startswith('--'):
@@ -421,8 +936,11 @@ def configure(argv):
         except ValueError:
             die(f"--{key}={val} is not a valid {type(default).__name__}")
         if key in CHOICES and value not in CHOICES[key]:
-            die(f"--{key}={val} is not one of: {', '.join(CHOICES[key])}")
-        globals()[key] = value
+            die(f"--{key}={val} is not one of: {', '.join(repr(c) if not c else c for c in CHOICES[key])}")
+        overrides[key] = value
+    if overrides.get('stage', stage) != 'show':
+        apply_preset(overrides)
+    globals().update(overrides)
 
 
 def pick_device():
@@ -440,7 +958,7 @@ def main(argv):
     if stage == 'show':
         show()
     else:
-        die(f"--stage {stage} is not built yet")
+        train()
 
 
 if __name__ == '__main__':
