@@ -537,7 +537,7 @@ class GPT(nn.Module):
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def flops_per_token(self, T):
         """Training FLOPs per token: 6 per weight plus attention's 12 * L * C * T (PaLM appendix B)."""
@@ -628,7 +628,7 @@ def evaluate(model, ctx):
     model.train()
     out = dict(val_loss=float(np.mean(losses)))
     if stage == 'nca':
-        out['frame_loss'] = [round(v, 4) for v in (frame_sum[1:] / frame_count[1:]).tolist()]
+        out['frame_loss'] = [round(v, 4) for v in (frame_sum / frame_count)[frame_count > 0].tolist()]  # frames 1, 2, ...
         out['next_frame_acc'] = correct / total
     return out
 
@@ -754,6 +754,7 @@ def train():
             save(iter_num)
         if iter_num >= max_iters:
             break
+        loss_sum = torch.zeros((), device=device)
         for micro in range(micro_steps):
             x, y = get_batch('train', iter_num * gradient_accumulation_steps + micro * world + rank)
             if ddp:  # average gradients across processes on the last micro-step only
@@ -761,6 +762,7 @@ def train():
             with ctx:
                 _, loss = model(x, y)
             scaler.scale(loss / micro_steps).backward()
+            loss_sum += loss.detach()
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
@@ -769,15 +771,18 @@ def train():
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         tokens_seen += tokens_per_iter()
-        if iter_num % log_interval == 0 and master:
-            lossf = loss.item()  # of the last micro-step: a sync point, so only at log time
+        if iter_num % log_interval == 0:
+            if ddp:
+                torch.distributed.all_reduce(loss_sum)
+            lossf = loss_sum.item() / gradient_accumulation_steps  # the update's mean loss; a sync, so only here
             check_finite(lossf, iter_num, 'training', ckpt_path)
             dt = (time.time() - t_last) / log_interval
             t_last = time.time()
             mfu = f" | mfu {flops_per_iter / dt / peak_flops:.1%}" if peak_flops else ''
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
-            print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {tokens_per_iter() / dt:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
-            log_write(log, dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=tokens_per_iter() / dt, time=time.time() - t_start))
+            if master:
+                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {tokens_per_iter() / dt:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+                log_write(log, dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=tokens_per_iter() / dt, time=time.time() - t_start))
     if master:
         print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {(time.time() - t_start) / 60:.1f} min; "
               f"val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")

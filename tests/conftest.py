@@ -16,3 +16,8 @@ def nca(monkeypatch):
     monkeypatch.setattr(nca_gpt, 'device', 'cpu')
     nca_gpt._rule_sets.clear()
     return nca_gpt
+
+# tiktoken cannot download here: use the GPT-2 ranks that shared/ holds (see DEVELOPERS.md)
+_cache = os.path.join(ROOT, '..', 'shared', 'tiktoken-cache')
+if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(_cache):
+    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(_cache)

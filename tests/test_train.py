@@ -1,0 +1,199 @@
+"""The GPT and the training loop: learning, transfer, resume, torchrun, config, sft. CPU, offline."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+# a small, fast NCA run: 3 frames of 38 tokens, a tiny model
+FAST = ['--preset=tiny', '--device=cpu', '--block_size=114', '--batch_size=4', '--num_rules=64',
+        '--num_val_rules=16', '--eval_iters=2', '--log_interval=1', '--n_layer=2', '--n_embd=32']
+
+
+def run(*args, torchrun=False, check=True):
+    cmd = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun else [])
+    p = subprocess.run(cmd + [os.path.join(ROOT, 'nca_gpt.py'), *args], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    if check:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+
+
+def train_losses(out_dir):
+    return {r['step']: r['loss'] for r in read_log(out_dir) if 'loss' in r}
+
+
+def test_loss_falls_on_nca_data(tmp_path):
+    # simple rules (gzip ratio under 0.3: mostly still or periodic) so that a few dozen steps show learning
+    run(*FAST, '--stage=nca', '--max_iters=60', '--eval_interval=60', '--learning_rate=3e-3', '--gzip_lower=0',
+        '--gzip_upper=0.3', f'--out_dir={tmp_path}')
+    val = [r for r in read_log(tmp_path) if 'val_loss' in r]
+    assert [r['step'] for r in val] == [0, 60]
+    assert val[1]['val_loss'] < val[0]['val_loss'] - 0.5, val
+    assert len(val[1]['frame_loss']) == 2 and 0 <= val[1]['next_frame_acc'] <= 1
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    args = [*FAST, '--stage=nca', '--dropout=0.1', '--eval_interval=3']
+    run(*args, '--max_iters=8', f'--out_dir={tmp_path / "straight"}')
+    run(*args, '--max_iters=5', f'--out_dir={tmp_path / "split"}')
+    run(*args, '--max_iters=8', f'--out_dir={tmp_path / "split"}', '--init_from=resume')
+    straight, split = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'split')
+    assert len(straight) == 8 and straight == split                     # bit for bit, dropout included
+    val_at_6 = [[r for r in read_log(tmp_path / d) if r['step'] == 6 and 'val_loss' in r] for d in ('straight', 'split')]
+    assert val_at_6[0] == val_at_6[1] != []
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = [*FAST, '--stage=nca', '--gradient_accumulation_steps=2', '--max_iters=3', '--eval_interval=3']
+    p = run(*args, f'--out_dir={tmp_path / "ddp"}', torchrun=True)
+    run(*args, f'--out_dir={tmp_path / "one"}')
+    assert sorted(os.listdir(tmp_path / 'ddp')) == ['ckpt.pt', 'log.jsonl']  # only rank 0 writes
+    assert p.stdout.count('step 3 |') == 1 and p.stdout.count('2 process(es)') == 1
+    ddp, one = train_losses(tmp_path / 'ddp'), train_losses(tmp_path / 'one')
+    assert ddp.keys() == one.keys() and all(abs(ddp[k] - one[k]) < 1e-4 for k in one)
+
+
+@pytest.fixture
+def lm_data(tmp_path):
+    """A tiny prepared dataset as prepare_data.py writes it: uint16 tokens and meta.json."""
+    folder = tmp_path / 'data' / 'toy'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    counts = {}
+    for split, n in (('train', 20000), ('val', 4000)):
+        tokens = (np.arange(n) % 97 * 3 + rng.integers(0, 2, n)).astype(np.uint16)  # learnable structure
+        tokens.tofile(folder / f'{split}.bin')
+        counts[f'{split}_tokens'] = n
+    (folder / 'meta.json').write_text(json.dumps(dict(tokenizer='gpt2', dtype='uint16', vocab_size=50257, **counts)))
+    return tmp_path / 'data'
+
+
+def test_nca_then_lm_transfer_end_to_end(tmp_path, lm_data):
+    run(*FAST, '--stage=nca', '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "nca"}')
+    p = run(*FAST, '--stage=lm', '--dataset=toy', f'--data_dir={lm_data}', '--max_iters=20', '--eval_interval=20',
+            '--block_size=64', f'--init_from={tmp_path / "nca"}', f'--out_dir={tmp_path / "lm"}')
+    assert 'transferred the blocks' in p.stdout
+    val = [r['val_loss'] for r in read_log(tmp_path / 'lm') if 'val_loss' in r]
+    assert val[-1] < val[0] - 0.3  # it learns (at random it would stay at ln(50304) = 10.8)
+    ckpt = torch.load(tmp_path / 'lm' / 'ckpt.pt', weights_only=False)
+    assert ckpt['stage'] == 'lm' and ckpt['vocab']['kind'] == 'gpt2' and ckpt['model']['wte.weight'].shape[0] == 50304
+
+
+def test_max_tokens_sets_the_run_length(tmp_path, lm_data):
+    run(*FAST, '--stage=lm', '--dataset=toy', f'--data_dir={lm_data}', '--block_size=64', '--max_tokens=1000',
+        '--eval_interval=100', f'--out_dir={tmp_path}')
+    assert max(train_losses(tmp_path)) == 4  # ceil(1000 / (4 x 64))
+
+
+def make_models(nca, vocab_src=10002, vocab_dst=50257):
+    torch.manual_seed(0)
+    src = nca.GPT(vocab_src, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    for p in src.parameters():  # make every tensor, norms included, differ from a fresh init
+        p.data += torch.randn_like(p)
+    dst = nca.GPT(vocab_dst, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    return src, dst, {'model': src.state_dict()}
+
+
+def test_transfer_keeps_blocks_and_renews_embedding_and_head(nca):
+    src, dst, ckpt = make_models(nca)
+    fresh_wte = dst.wte.weight.clone()
+    nca.transfer(dst, ckpt, same_vocab=False)
+    for k, v in src.state_dict().items():
+        if not k.startswith(('wte.', 'head.')):
+            assert torch.equal(dst.state_dict()[k], v), k
+    assert dst.wte.weight.shape == (50257, 32) and dst.head.weight.shape == (50257, 32)
+    assert torch.equal(dst.wte.weight, fresh_wte) and dst.wte.weight.std() < 0.03
+
+
+def test_keep_embeddings_needs_the_same_vocabulary(nca):
+    nca.keep_embeddings = True
+    src, dst, ckpt = make_models(nca, 50257, 50257)
+    nca.transfer(dst, ckpt, same_vocab=True)
+    assert torch.equal(dst.wte.weight, src.wte.weight) and torch.equal(dst.head.weight, src.head.weight)
+    src, dst, ckpt = make_models(nca)
+    with pytest.raises(SystemExit, match='same vocabulary'):
+        nca.transfer(dst, ckpt, same_vocab=False)
+
+
+@pytest.mark.parametrize('spec,changed', [
+    ('attn', ['blocks.0.attn', 'blocks.1.attn']),
+    ('mlp:1-1', ['blocks.1.mlp']),
+    ('attn:0,mlp:0', ['blocks.0.attn', 'blocks.0.mlp']),
+    ('norm', ['blocks.0.norm', 'blocks.1.norm', 'norm.']),
+])
+def test_reinit_switches(nca, spec, changed):
+    nca.reinit = spec
+    src, dst, ckpt = make_models(nca)
+    nca.transfer(dst, ckpt, same_vocab=False)
+    for k, v in src.state_dict().items():
+        if k.startswith(('wte.', 'head.')):
+            continue
+        assert torch.equal(dst.state_dict()[k], v) != any(k.startswith(c) for c in changed), k
+    if spec == 'norm':
+        assert all((dst.state_dict()[k] == 1).all() for k in dst.state_dict() if 'norm' in k)
+
+
+def test_freeze_switch(nca):
+    nca.freeze = 'attn,emb'
+    src, dst, ckpt = make_models(nca)
+    nca.transfer(dst, ckpt, same_vocab=False)
+    frozen = {k for k, p in dst.named_parameters() if not p.requires_grad}
+    assert frozen == {k for k, _ in dst.named_parameters() if '.attn.' in k or k.startswith('wte.')}
+
+
+def test_mismatched_blocks_are_listed(nca):
+    src = nca.GPT(100, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    dst = nca.GPT(100, n_layer=2, n_head=2, n_embd=64, block_size=64)
+    with pytest.raises(SystemExit, match=r'blocks.0.attn.qkv.weight: checkpoint \(96, 32\) vs model \(192, 64\)'):
+        nca.transfer(dst, {'model': src.state_dict()}, same_vocab=True)
+    with pytest.raises(SystemExit, match='cannot read'):
+        nca.parts('attention', dst)
+
+
+def test_config_accepts_both_forms_and_the_preset_yields(nca):
+    nca.configure(['--stage', 'lm', '--max_iters=7', '--batch_size', '3', '--preset=tiny', '--compile', 'false'])
+    assert (nca.stage, nca.max_iters, nca.batch_size, nca.compile) == ('lm', 7, 3, False)
+    assert nca.n_embd == 64 and nca.block_size == 256  # from the tiny preset
+
+
+def test_sft_masks_the_prompt(nca, tmp_path):
+    folder = tmp_path / 'qa'
+    folder.mkdir()
+    rows = [dict(prompt='Question: 2+2?\nAnswer:', answer=' 4'), dict(prompt='Say hi.', answer=' hi there')]
+    (folder / 'sft_train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    nca.data_dir, nca.dataset, nca.block_size, nca.stage = str(tmp_path), 'qa', 16, 'sft'
+    x, y = nca.sft_batch('train', 0, 2)
+    enc = nca.gpt2_encoding()
+    for b in range(2):
+        prompt, answer = next((enc.encode(r['prompt']), enc.encode(r['answer'])) for r in rows
+                              if enc.encode(r['prompt']) == x[b, :len(enc.encode(r['prompt']))].tolist())
+        n, m = len(prompt), len(answer)
+        assert (y[b, :n - 1] == -1).all()                                  # no loss on the prompt
+        assert y[b, n - 1:n - 1 + m].tolist() == answer and y[b, n - 1 + m] == nca.EOT
+        assert (y[b, n + m:] == -1).all()                                  # nor on the padding
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--stage=lm', '--dataset=nowhere'], "run `python prepare_data.py nowhere`"),
+    (['--stage=nca', '--init_from=resume'], 'no checkpoint at'),
+    (['--stage=nca', '--learning_rate=1e30', '--max_iters=5'], 'loss is nan'),
+])
+def test_clear_errors(tmp_path, args, message):
+    p = run(*FAST, *args, f'--out_dir={tmp_path}', f'--data_dir={tmp_path}', check=False)
+    assert p.returncode != 0 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint')
+    p = run(*FAST, '--init_from=resume', f'--out_dir={tmp_path}', check=False)
+    assert p.returncode != 0 and f"cannot read the checkpoint {tmp_path / 'ckpt.pt'}" in p.stderr
