@@ -912,25 +912,27 @@ def atomic_write(path, write):
 
 
 
-def die(msg):
-    sys.exit(f"nca_gpt.py: {msg}")
+def die(msg, script='nca_gpt.py'):
+    sys.exit(f"{script}: {msg}")
 
 
-def configure(argv):
-    """Apply a preset, then the --key=value / --key value overrides, checking names, types and choices."""
-    overrides, args = {}, list(argv)
+def parse_args(argv, config, choices=None, script='nca_gpt.py'):
+    """--key=value or --key value -> (overrides, positional args), checked against the names, types and
+    choices of `config` (a dict of defaults). Shared by the three scripts."""
+    choices, overrides, rest, args = choices or {}, {}, [], list(argv)
     while args:
         arg = args.pop(0)
         if not arg.startswith('--'):
-            die(f"unexpected argument {arg!r}: options look like --key=value")
+            rest.append(arg)
+            continue
         key, eq, val = arg[2:].partition('=')
         if not eq:
             if not args or args[0].startswith('--'):
-                die(f"--{key} needs a value")
+                die(f"--{key} needs a value", script)
             val = args.pop(0)
-        if key not in config_keys:
-            die(f"unknown option --{key}; valid options: {', '.join('--' + k for k in config_keys)}")
-        default = globals()[key]
+        if key not in config:
+            die(f"unknown option --{key}; valid options: {', '.join('--' + k for k in config)}", script)
+        default = config[key]
         try:
             if isinstance(default, bool):
                 if val.lower() not in ('true', 'false', '1', '0'):
@@ -939,10 +941,18 @@ def configure(argv):
             else:
                 value = type(default)(val)
         except ValueError:
-            die(f"--{key}={val} is not a valid {type(default).__name__}")
-        if key in CHOICES and value not in CHOICES[key]:
-            die(f"--{key}={val} is not one of: {', '.join(repr(c) if not c else c for c in CHOICES[key])}")
+            die(f"--{key}={val} is not a valid {type(default).__name__}", script)
+        if key in choices and value not in choices[key]:
+            die(f"--{key}={val} is not one of: {', '.join(c or repr(c) for c in choices[key])}", script)
         overrides[key] = value
+    return overrides, rest
+
+
+def configure(argv):
+    """Apply a preset, then the command line, to the config at the top of this file."""
+    overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, CHOICES)
+    if rest:
+        die(f"unexpected argument {rest[0]!r}: options look like --key=value")
     if overrides.get('stage', stage) != 'show':
         apply_preset(overrides)
     globals().update(overrides)

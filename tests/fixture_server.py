@@ -1,0 +1,53 @@
+"""A local HTTP server for the download tests: serves files from a dict on 127.0.0.1, honours Range, and can
+fail on purpose: cut a response short, answer 500, or 404 what it does not have. Bounded: it serves only the
+requests the tests make and stops with them."""
+import http.server
+import threading
+
+
+class FixtureServer:
+    def __init__(self):
+        self.files = {}       # path -> bytes (or a callable(query) -> (bytes, headers) for APIs)
+        self.faults = {}      # path -> list of 'cut' / '500', consumed one per request
+        self.log = []         # (path, Range header) of every request
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                path, _, query = self.path.partition('?')
+                server.log.append((path, self.headers.get('Range')))
+                fault = server.faults.get(path, []).pop(0) if server.faults.get(path) else None
+                if fault == '500':
+                    return self.send_error(500)
+                if path not in server.files:
+                    return self.send_error(404)
+                body, headers = server.files[path], {}
+                if callable(body):
+                    body, headers = body(query)
+                start = 0
+                if self.headers.get('Range'):
+                    start = int(self.headers['Range'].split('=')[1].split('-')[0])
+                    if start >= len(body):
+                        return self.send_error(416)
+                    self.send_response(206)
+                    self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
+                else:
+                    self.send_response(200)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header('Content-Length', str(len(body) - start))
+                self.end_headers()
+                chunk = body[start:]
+                self.wfile.write(chunk[:len(chunk) // 2] if fault == 'cut' else chunk)  # 'cut': close half-way
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
