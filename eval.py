@@ -10,8 +10,8 @@ Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BI
 
 Data comes from prepare_data.py (data/NAME/). Every run prints a table and writes a JSON (--out) with the
 numbers, the checkpoint, the settings and the seed. Samples are drawn in batches with a key/value cache: the
-prompt is prefilled once, then every sample of the batch advances one token a step; sample j of problem i uses
-its own seeded generator, so a run repeats exactly.
+prompt is prefilled once, then every sample of the batch advances one token a step; sample j of problem i draws
+from its own hashed random stream (as nca_gpt.py's data), so a run repeats exactly, whatever the batch size.
 
 Model-written code runs in a sandbox: each program in a fresh Python subprocess (isolated mode, no stdin, a
 scrubbed environment, a scratch directory removed afterwards), as the user `nobody` when run as root, in its own
@@ -113,7 +113,8 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
     outs = []
     for first in range(0, n_samples, batch_size):
         B = min(batch_size, n_samples - first)
-        gens = [torch.Generator(device).manual_seed(seed_base * 100003 + first + b) for b in range(B)]
+        # sample j of a problem draws from its own hashed stream: the same whatever the batch size or device
+        keys = nca_gpt.make_key(seed, seed_base, torch.arange(first, first + B, device=device))
         cache = model.new_cache(B, len(prompt) + max_new, torch.bfloat16 if dtype == 'bfloat16' else torch.float32, device)
         with autocast():
             logits, _ = model(torch.tensor([prompt], device=device), cache=[(k_[:1], v_[:1]) for k_, v_ in cache])
@@ -122,7 +123,7 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
         logits = logits[:, -1].float().expand(B, -1)
         tokens, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new):
-            nxt = next_tokens(logits, temp, p, k, gens)
+            nxt = next_tokens(logits, temp, p, k, nca_gpt.uniform(nca_gpt.make_key(keys, step), 1)[:, 0])
             for b, t in enumerate(nxt.tolist()):  # one sync a step
                 if not done[b]:
                     tokens[b].append(t)  # a stop string is a few tokens: look at the end of the row only
@@ -136,8 +137,9 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
     return outs
 
 
-def next_tokens(logits, temp, p, k, gens):
-    """logits (B, V) -> (B,) next tokens: greedy at temperature 0, else top-k, top-p (nucleus) sampling."""
+def next_tokens(logits, temp, p, k, u):
+    """logits (B, V), u (B,) uniforms -> (B,) next tokens: greedy at temperature 0, else top-k, top-p (nucleus)
+    sampling by the inverse CDF (searchsorted never lands on a token of probability 0)."""
     if temp == 0:
         return logits.argmax(-1)
     logits = logits / temp
@@ -148,7 +150,8 @@ def next_tokens(logits, temp, p, k, gens):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > p
         probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(gens)])
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_max(logits.size(1) - 1)
 
 
 def cut_at_stop(text, stops):
@@ -253,8 +256,8 @@ def sandbox_user():
 def run_program(program, time_limit=None):
     """Run one program in the sandbox -> (passed, why)."""
     time_limit = time_limit or timeout
-    scratch = tempfile.mkdtemp(prefix='nca-eval-')
     user = sandbox_user()
+    scratch = tempfile.mkdtemp(prefix='nca-eval-')
     try:
         with open(os.path.join(scratch, 'program.py'), 'w') as f:
             f.write(program)
@@ -305,6 +308,7 @@ def run_program(program, time_limit=None):
 
 def run_programs(programs):
     """All programs, in parallel on every core -> list of (passed, why)."""
+    sandbox_user()  # decide (and warn) once, before the threads
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(run_program, programs))
 

@@ -580,12 +580,14 @@ def parts(spec, model):
     return found
 
 
-def transfer(model, source, same_vocab):
-    """Load a checkpoint of another stage into a model of this stage's vocabulary."""
+def transfer(model, source, same_vocab, keep=False):
+    """Load a checkpoint of another stage into a model of this stage's vocabulary. keep: the embedding and
+    head too (the same vocabulary: lm -> sft, or the paper's "C4, no re-init" control)."""
     state = {k: v for k, v in source['model'].items() if not k.startswith(('wte.', 'head.'))}
-    if keep_embeddings:
+    if keep:
         if not same_vocab:
-            die("--keep_embeddings needs the same vocabulary in both stages (it is only for lm -> lm)")
+            die("keeping the embedding and head needs the same vocabulary in both stages: sft and "
+                "--keep_embeddings start from an lm checkpoint")
         state = source['model']
     target = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
@@ -700,10 +702,11 @@ def train():
         model.load_state_dict(checkpoint['model'])
     elif init_from != 'scratch':
         source = load_checkpoint(os.path.join(init_from, 'ckpt.pt') if os.path.isdir(init_from) else init_from)
-        transfer(model, source, same_vocab=source['vocab'] == vocab)
+        keep = keep_embeddings or stage == 'sft'  # fine-tuning continues the whole model
+        transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep)
         if master:
             print(f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
-                  f"embedding and head fresh for {vocab['kind']}" + (f"; reinit {reinit}" if reinit else '')
+                  f"embedding and head {'kept' if keep else 'fresh for ' + vocab['kind']}" + (f"; reinit {reinit}" if reinit else '')
                   + (f"; frozen {freeze}" if freeze else ''))
     model.to(device)
 

@@ -41,9 +41,9 @@ def main():
         nca_gpt.device = dev
         for B in batch_sizes:
             sec = timed(lambda i=0: nca_gpt.nca_batch('train', i, B), 5 if dev == 'cpu' else 20)
-            print(f"{dev:<6} {f'nca_batch, {B} x 1024 tokens':<34} {B * nca_gpt.seq_len / sec:>10,.0f} tok/s")
+            print(f"{dev:<6} {f'nca_batch, {B} x 1024 tokens':<34} {B * nca_gpt.block_size / sec:>10,.0f} tok/s")
             if dev == 'cuda':
-                print(f"{dev:<6} {'  -> 164M tokens in':<34} {164e6 / (B * nca_gpt.seq_len / sec):>14.1f} s")
+                print(f"{dev:<6} {'  -> 164M tokens in':<34} {164e6 / (B * nca_gpt.block_size / sec):>14.1f} s")
 
         def filter_once(i=0):
             keys, rules = nca_gpt.candidate_rules('train', 1 + i, 0, n_filter)
@@ -51,7 +51,7 @@ def main():
         sec = timed(filter_once, 3)
         print(f"{dev:<6} {f'filter, {n_filter} candidates':<34} {n_filter / sec:>9,.0f} rules/s")
         sec = timed(lambda i=0: nca_gpt.dyck_batch('train', i, 32), 3)
-        print(f"{dev:<6} {'dyck_batch, 32 x 1024 tokens':<34} {32 * nca_gpt.seq_len / sec:>10,.0f} tok/s")
+        print(f"{dev:<6} {'dyck_batch, 32 x 1024 tokens':<34} {32 * nca_gpt.block_size / sec:>10,.0f} tok/s")
 
 
 if __name__ == '__main__':

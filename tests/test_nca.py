@@ -77,7 +77,7 @@ def test_torus_equivariance(nca, shift):
 
 @pytest.mark.parametrize('batch', ['nca_batch', 'dyck_batch'])
 def test_same_seed_same_data_whatever_the_batch_size(nca, batch):
-    nca.num_rules, nca.num_val_rules, nca.seq_len = 16, 8, 128
+    nca.num_rules, nca.num_val_rules, nca.block_size = 16, 8, 128
     get = getattr(nca, batch)
     for split in ('train', 'val'):
         x8, y8 = get(split, 1, 8)        # sequences 8..15
@@ -129,7 +129,7 @@ def test_gzip_ratios_match_the_authors_generator(nca):
 
 
 def test_start_end_positions_and_loss_mask(nca):
-    nca.num_rules, nca.seq_len = 8, 200
+    nca.num_rules, nca.block_size = 8, 200
     x, y = nca.nca_batch('train', 0, 4)
     assert x.shape == y.shape == (4, 200)
     seq = torch.cat([x, y[:, -1:]], 1)
@@ -146,7 +146,7 @@ def test_start_end_positions_and_loss_mask(nca):
 
 
 def test_rules_are_resampled_every_epoch(nca):
-    nca.num_rules, nca.seq_len = 8, 76
+    nca.num_rules, nca.block_size = 8, 76
     nca.nca_batch('train', 1, 8)                          # epoch 1
     assert {k[1] for k in nca._rule_sets if k[0] == 'train'} == {1}
     nca._rule_sets.clear()

@@ -116,13 +116,12 @@ def test_transfer_keeps_blocks_and_renews_embedding_and_head(nca):
 
 
 def test_keep_embeddings_needs_the_same_vocabulary(nca):
-    nca.keep_embeddings = True
     src, dst, ckpt = make_models(nca, 50257, 50257)
-    nca.transfer(dst, ckpt, same_vocab=True)
+    nca.transfer(dst, ckpt, same_vocab=True, keep=True)
     assert torch.equal(dst.wte.weight, src.wte.weight) and torch.equal(dst.head.weight, src.head.weight)
     src, dst, ckpt = make_models(nca)
     with pytest.raises(SystemExit, match='same vocabulary'):
-        nca.transfer(dst, ckpt, same_vocab=False)
+        nca.transfer(dst, ckpt, same_vocab=False, keep=True)
 
 
 @pytest.mark.parametrize('spec,changed', [
@@ -197,3 +196,15 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / 'ckpt.pt').write_bytes(b'not a checkpoint')
     p = run(*FAST, '--init_from=resume', f'--out_dir={tmp_path}', check=False)
     assert p.returncode != 0 and f"cannot read the checkpoint {tmp_path / 'ckpt.pt'}" in p.stderr
+
+
+def test_lm_then_sft_keeps_the_whole_model(tmp_path, lm_data):
+    run(*FAST, '--stage=lm', '--dataset=toy', f'--data_dir={lm_data}', '--block_size=64', '--max_iters=2',
+        '--eval_interval=2', f'--out_dir={tmp_path / "lm"}')
+    rows = [dict(prompt=f'Question: {i} + {i}?\nAnswer:\n', answer=f'Final Answer: {2 * i}') for i in range(40)]
+    for split in ('train', 'val'):
+        (lm_data / 'toy' / f'sft_{split}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    p = run(*FAST, '--stage=sft', '--dataset=toy', f'--data_dir={lm_data}', '--block_size=64', '--epochs=1',
+            f'--init_from={tmp_path / "lm"}', f'--out_dir={tmp_path / "sft"}')
+    assert 'embedding and head kept' in p.stdout
+    assert max(train_losses(tmp_path / 'sft')) == 10  # 1 epoch of 40 examples, 4 a step

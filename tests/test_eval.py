@@ -1,0 +1,197 @@
+"""eval.py: pass@k, answer extraction, the sandbox, sampling with the cache, perplexity, each benchmark end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+import eval as ev  # noqa: E402
+import nca_gpt  # noqa: E402
+
+
+@pytest.mark.parametrize('n,c,k,want', [
+    (5, 0, 1, 0.0), (5, 5, 1, 1.0), (5, 2, 1, 0.4), (5, 2, 2, 1 - 3 / 10), (4, 3, 2, 1.0), (10, 1, 4, 0.4),
+    (64, 0, 64, 0.0), (3, 1, 3, 1.0),
+])
+def test_pass_at_k(n, c, k, want):
+    assert ev.pass_at_k(n, c, k) == pytest.approx(want)
+
+
+@pytest.mark.parametrize('text,how,want', [
+    ('so the total is 18.\n#### 18', 'strict', '18'),
+    ('#### -3', 'strict', '-3'),
+    ('#### $1,234.50.', 'strict', '1234.5'),
+    ('#### 1,000', 'strict', '1000'),
+    ('The answer is 42.', 'strict', None),
+    ('3 apples and 4 pears make 7 fruits.', 'flexible', '7'),
+    ('costs $12.00 in total.', 'flexible', '12'),
+    ('-5 degrees, then 2.5 more', 'flexible', '2.5'),
+    ('no numbers here', 'flexible', None),
+    ('He had 3 eggs.\nFinal Answer: 1,200', 'paper', '1200'),
+    ('Final Answer: -0.5', 'paper', '-0.5'),
+    ('#### 9\nFinal Answer: 8', 'paper', '9'),
+    ('Final Answer: none', 'paper', None),
+])
+def test_answer_extraction(text, how, want):
+    assert ev.extract_answer(text, how) == want
+
+
+def test_stop_strings_cut_at_the_first():
+    assert ev.cut_at_stop('a\nb\ndef g():\nclass X', ['\nclass', '\ndef']) == 'a\nb'
+    assert ev.cut_at_stop('no stop here', ['\n#']) == 'no stop here'
+
+
+SANDBOX = {
+    'a correct program': ("def f():\n    return 1\nassert f() == 1\n", True),
+    'a wrong one': ("assert 1 == 2\n", False),
+    'an infinite loop': ("while True:\n    pass\n", False),
+    'a fork bomb': ("import os\nwhile True:\n    os.fork()\n", False),
+    'a 10 GB allocation': ("x = bytearray(10 * 2 ** 30)\nx[-1] = 1\n", False),
+    'os.system': ("import os\nos.system('touch {outside}/system')\n", False),
+    'rmtree outside': ("import shutil\nshutil.rmtree('{outside}')\n", False),
+    'killing the parent': ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", False),
+    'sys.exit(0) before the tests': ("import sys\nsys.exit(0)\nassert False\n", False),
+    'os._exit(0)': ("import os\nos._exit(0)\n", False),
+    'writing outside': ("open('{outside}/written', 'w').write('x')\n", False),
+    'writing inside the scratch directory': ("open('notes.txt', 'w').write('x')\nassert open('notes.txt').read() == 'x'\n", True),
+}
+
+
+def test_sandbox(tmp_path, monkeypatch):
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    (outside / 'keep.txt').write_text('keep')
+    monkeypatch.setattr(ev, 'timeout', 3.0)
+    scratch_before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith('nca-eval-')}
+    programs = [p.format(outside=outside) for p, _ in SANDBOX.values()]
+    results = ev.run_programs(programs)  # all together, in parallel: the evaluation goes on
+    for (name, (_, want)), (passed, why) in zip(SANDBOX.items(), results):
+        assert passed == want, (name, why)
+    assert sorted(os.listdir(outside)) == ['keep.txt'] and (outside / 'keep.txt').read_text() == 'keep'
+    assert {d for d in os.listdir(tempfile.gettempdir()) if d.startswith('nca-eval-')} == scratch_before  # removed
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    monkeypatch.setattr(ev, 'device', 'cpu')
+    monkeypatch.setattr(ev, 'dtype', 'float32')
+    monkeypatch.setattr(ev, 'batch_size', 3)
+    torch.manual_seed(0)
+    model = nca_gpt.GPT(50304, n_layer=2, n_head=2, n_embd=32, block_size=64).eval()
+    with torch.no_grad():  # sharper logits than the initialisation's, so that samples differ
+        model.head.weight.mul_(50)
+    return model
+
+
+def test_greedy_equals_a_plain_decode_without_cache(tiny_model):
+    prompt = nca_gpt.gpt2_encoding().encode('Once upon a time')
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = tiny_model(idx)  # the whole sequence every step, no cache
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    plain = nca_gpt.gpt2_encoding().decode(idx[0, len(prompt):].tolist())
+    outs = ev.sample(tiny_model, prompt, 5, 12, 0.0, 1.0, 0, [], seed_base=1)
+    assert outs == [plain] * 5
+    # a tiny nucleus keeps only the most likely token: greedy again
+    assert ev.sample(tiny_model, prompt, 2, 12, 1.0, 1e-6, 0, [], seed_base=1) == [plain] * 2
+
+
+def test_a_fixed_seed_repeats(tiny_model):
+    prompt = nca_gpt.gpt2_encoding().encode('The')
+    a = ev.sample(tiny_model, prompt, 7, 10, 1.0, 0.95, 50, [], seed_base=3)
+    assert a == ev.sample(tiny_model, prompt, 7, 10, 1.0, 0.95, 50, [], seed_base=3)
+    assert len(set(a)) > 1 and a != ev.sample(tiny_model, prompt, 7, 10, 1.0, 0.95, 50, [], seed_base=4)
+
+
+def test_sampling_stops_at_stop_strings(tiny_model):
+    prompt = nca_gpt.gpt2_encoding().encode('The')
+    free = ev.sample(tiny_model, prompt, 4, 20, 1.0, 1.0, 0, [], seed_base=5)
+    stop = next(o[len(o) // 2:len(o) // 2 + 2] for o in free if len(o) > 4)  # a string the samples do produce
+    cut = ev.sample(tiny_model, prompt, 4, 20, 1.0, 1.0, 0, [stop], seed_base=5)
+    for f, c in zip(free, cut):
+        assert stop not in c and f.startswith(c) and (c == f or f[len(c):].startswith(stop))
+
+
+def test_perplexity_is_exp_of_the_mean_loss(tiny_model, tmp_path, monkeypatch):
+    folder = tmp_path / 'toy'
+    folder.mkdir()
+    tokens = np.random.default_rng(0).integers(0, 50257, 64 * 5 + 7).astype(np.uint16)
+    tokens.tofile(folder / 'val.bin')
+    monkeypatch.setattr(ev, 'data_dir', str(tmp_path))
+    monkeypatch.setattr(ev, 'datasets', 'toy')
+    monkeypatch.setattr(ev, 'max_tokens', 0)
+    result = ev.eval_ppl(tiny_model)['toy']
+    t = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():
+        losses = [tiny_model(t[w * 64:w * 64 + 64][None], t[w * 64 + 1:w * 64 + 65][None])[1] for w in range(5)]
+    assert result['tokens'] == 5 * 64
+    assert result['ppl'] == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+
+
+@pytest.fixture
+def bench_dir(tmp_path):
+    """A tiny checkpoint and a small fixture of each benchmark, in prepare_data.py's format."""
+    torch.manual_seed(0)
+    model = nca_gpt.GPT(50304, n_layer=1, n_head=2, n_embd=32, block_size=512)
+    torch.save(dict(model=model.state_dict(), model_args=dict(vocab_size=50304, n_layer=1, n_head=2, n_embd=32,
+                                                              block_size=512, dropout=0.0),
+                    vocab=dict(kind='gpt2', size=50257), stage='lm', iter_num=0), tmp_path / 'ckpt.pt')
+    data = tmp_path / 'data'
+
+    def write(path, rows):
+        (data / path).parent.mkdir(parents=True, exist_ok=True)
+        (data / path).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    gsm = [dict(question=f'Tom has {i} apples and buys {i} more. How many?', answer=f'{i}+{i}=<<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}')
+           for i in range(1, 8)]
+    write('gsm8k/train.jsonl', gsm)
+    write('gsm8k/test.jsonl', gsm[:3])
+    write('humaneval/test.jsonl', [dict(task_id=f'HumanEval/{i}', prompt=f'def add{i}(a, b):\n', entry_point=f'add{i}',
+                                        canonical_solution='    return a + b\n',
+                                        test='def check(f):\n    assert f(2, 3) == 5\n') for i in range(2)])
+    bbl = [dict(task=t, subtask=None, input=f'Is {i} even?', choices=['yes', 'no'], targets=['yes' if i % 2 == 0 else 'no'])
+           for t in ('winowhy', 'operators') for i in range(4)]
+    write('bbl/train.jsonl', bbl)
+    write('bbl/test.jsonl', bbl)
+    return tmp_path
+
+
+def run_eval(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), *args, '--device=cpu'], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.parametrize('task,extra,score', [
+    ('gsm8k', ['--n=2'], 'paper pass@1'),
+    ('gsm8k', ['--style=harness'], 'strict pass@1'),
+    ('humaneval', ['--n=2', '--timeout=3'], 'pass@2'),
+    ('bbl', ['--n=2'], 'normalised pass@2'),
+])
+def test_benchmark_end_to_end(bench_dir, task, extra, score):
+    out = bench_dir / f'{task}.json'
+    p = run_eval(task, f'--ckpt={bench_dir / "ckpt.pt"}', f'--data_dir={bench_dir / "data"}', '--max_new_tokens=8',
+                 '--limit=3', f'--out={out}', *extra, cwd=bench_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert 0.0 <= result['scores'][score] <= 1.0 and result['seed'] == 1337 and result['checkpoint'].endswith('ckpt.pt')
+    assert score in p.stdout
+
+
+def test_humaneval_scores_a_samples_file(bench_dir):
+    rows = [dict(task_id='HumanEval/0', completion='    return a + b\n'), dict(task_id='HumanEval/0', completion='    return a - b\n'),
+            dict(task_id='HumanEval/1', completion='    return a * b\n'), dict(task_id='HumanEval/1', completion='    while True: pass\n')]
+    (bench_dir / 'samples.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    p = run_eval('humaneval', f'--samples={bench_dir / "samples.jsonl"}', f'--data_dir={bench_dir / "data"}', '--timeout=2',
+                 f'--out={bench_dir / "he.json"}', cwd=bench_dir)
+    assert p.returncode == 0, p.stderr[-3000:]
+    scores = json.loads((bench_dir / 'he.json').read_text())['scores']
+    assert scores == {'pass@1': pytest.approx((0.5 + 0.0) / 2), 'pass@2': pytest.approx((1.0 + 0.0) / 2)}
