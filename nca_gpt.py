@@ -2,12 +2,16 @@
 NCA pre-pre-training in one file (Lee, Han, Kumar, Agrawal, arXiv 2603.10055).
 
 Read it top to bottom:
-  1. the NCA data engine: random rule networks on a torus, the batched rollout, the 2x2 patch
-     tokenizer and its inverse, the gzip complexity filter, the training batches; the Dyck control
-  2. `--stage show`: look at the automata and at the statistics of the filter
+  1. the NCA data engine: random rule networks on a torus, the batched rollout, the 2x2 patch tokenizer
+     and its inverse, the gzip complexity filter, the training batches; the Dyck control; language batches
+  2. the GPT (Llama-style)
+  3. the transfer: keep the blocks, re-initialise the embedding and the head
+  4. the training loop, one for every stage: nca | dyck -> lm -> sft
+  5. `--stage show`: look at the automata and at the statistics of the filter
 
 Run:  python nca_gpt.py --stage show
-      python nca_gpt.py --stage nca
+      python nca_gpt.py --stage nca                      (then --stage lm --init_from=out-nca, see README)
+      torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
 Every config value below can be overridden as --key=value or --key value.
 """
 import gzip
@@ -310,7 +314,7 @@ def get_rule_set(split, rule_set, count, chunk=2048):
             kept.append(rules[(gzip_lower < ratio) & (ratio < gzip_upper)])
             n_kept, tried = n_kept + len(kept[-1]), tried + chunk
             if n_kept == 0 and tried >= 20 * chunk:
-                sys.exit(f"nca_gpt.py: no rule of {tried} had a gzip ratio in ({gzip_lower}, {gzip_upper}); "
+                die(f"no rule of {tried} had a gzip ratio in ({gzip_lower}, {gzip_upper}); "
                          f"widen the band (python nca_gpt.py --stage show prints the distribution)")
         print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} candidates in "
               f"({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
@@ -345,12 +349,12 @@ def nca_batch(split, index, batch_size):
     count = num_rules if split == 'train' else num_val_rules
     i = sequence_ids(index, batch_size)
     epoch = i // count
-    rules = torch.empty(batch_size, (9 * HIDDEN1 + HIDDEN2) * n_states + HIDDEN2 * HIDDEN1, device=device)
-    for e in epoch.unique().tolist():  # a batch spans at most two epochs
+    rules = []
+    for e in epoch.unique().tolist():  # a batch spans at most two epochs, in order
         rule_set = get_rule_set(split, e // rule_resample if rule_resample else 0, count)
         order = uniform(make_key(seed, SPLITS[split], ORDER, torch.tensor([e], device=device)), count)[0].argsort()
-        rules[epoch == e] = rule_set[order[i[epoch == e] % count]]
-    seq = nca_sequences(rules, make_key(seed, SPLITS[split], SEQUENCES, i))
+        rules.append(rule_set[order[i[epoch == e] % count]])
+    seq = nca_sequences(torch.cat(rules), make_key(seed, SPLITS[split], SEQUENCES, i))
     x, y = seq[:, :-1], seq[:, 1:].clone()
     y[:, :frame_len() - 1] = -1          # the first frame is context: the rule is inferred from it
     y[y >= n_states ** (patch * patch)] = -1  # START/END sit at fixed places: nothing to learn (the
@@ -427,9 +431,12 @@ def sft_batch(split, index, batch_size):
     examples = sft_examples(split)
     x = torch.full((batch_size, block_size), EOT, dtype=torch.long)
     y = torch.full((batch_size, block_size), -1, dtype=torch.long)
+    orders = {}  # epoch -> its order of the examples
     for b, i in enumerate(sequence_ids(index, batch_size).tolist()):
-        order = uniform(make_key(seed, SPLITS[split], SFT, torch.tensor([i // len(examples)])), len(examples))[0].argsort()
-        tokens, n_prompt = examples[order[i % len(examples)]]
+        epoch = i // len(examples)
+        if epoch not in orders:
+            orders[epoch] = uniform(make_key(seed, SPLITS[split], SFT, torch.tensor([epoch])), len(examples))[0].argsort()
+        tokens, n_prompt = examples[orders[epoch][i % len(examples)]]
         tokens = torch.tensor(tokens[:block_size + 1])
         x[b, :len(tokens) - 1] = tokens[:-1]
         y[b, n_prompt - 1:len(tokens) - 1] = tokens[n_prompt:]  # targets of answer tokens only
@@ -681,10 +688,12 @@ def train():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # the run's length: updates, or a token budget, or passes over the data
-    n_examples = {'nca': num_rules, 'sft': len(sft_examples('train')) if stage == 'sft' else 0}.get(stage, 0)
     if max_tokens:
         max_iters = -(-max_tokens // tokens_per_iter())
-    elif epochs and n_examples:
+    elif epochs:  # an epoch: every training rule once (nca), every example once (sft)
+        if stage not in ('nca', 'sft'):
+            die(f"--epochs applies to the nca and sft stages; for {stage} give --max_iters or --max_tokens")
+        n_examples = num_rules if stage == 'nca' else len(sft_examples('train'))
         max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
     lr_decay_iters = lr_decay_iters or max_iters
 
@@ -696,6 +705,8 @@ def train():
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path)
+        if checkpoint['stage'] != stage:
+            die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with that stage")
         model_args, iter_num, best_val_loss = checkpoint['model_args'], checkpoint['iter_num'], checkpoint['best_val_loss']
     model = GPT(**model_args)
     if init_from == 'resume':
@@ -718,7 +729,10 @@ def train():
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     if checkpoint:
         optimizer.load_state_dict(checkpoint['optimizer'])
-        torch.set_rng_state(checkpoint['rng'][rank % len(checkpoint['rng'])])
+        cpu_rng, cuda_rng = checkpoint['rng'][rank % len(checkpoint['rng'])]
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None and device_type == 'cuda':
+            torch.cuda.set_rng_state(cuda_rng)
     raw_model = model
     if compile:
         model = torch.compile(model)
@@ -736,10 +750,10 @@ def train():
         log = open_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
 
     def save(it):
-        rng = [torch.get_rng_state()]
-        if ddp:  # each process's dropout stream, so that a resume continues all of them
-            rng = [None] * world
-            torch.distributed.all_gather_object(rng, torch.get_rng_state())
+        rng = [(torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == 'cuda' else None)]  # dropout
+        if ddp:  # each process's stream, so that a resume continues all of them
+            mine, rng = rng[0], [None] * world
+            torch.distributed.all_gather_object(rng, mine)
         if master:
             ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                         iter_num=it, best_val_loss=best_val_loss, config={k: globals()[k] for k in config_keys},
