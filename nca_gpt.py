@@ -96,8 +96,8 @@ PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-
                 max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
 PRESETS = {
     # any CPU, a few minutes: every stage end to end, small enough that the loss visibly falls
-    'tiny': {'all': dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=8, gradient_accumulation_steps=1,
-                         learning_rate=2e-3, min_lr=2e-4, max_iters=300, warmup_iters=30, lr_decay_iters=300,
+    'tiny': {'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
+                         learning_rate=3e-3, min_lr=3e-4, max_iters=300, warmup_iters=30, lr_decay_iters=300,
                          eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000, num_val_rules=200),
              'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
     # one GPU: GPT-2 small's shape (85M parameters without embeddings) on the paper's 164M NCA tokens

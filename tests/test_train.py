@@ -162,7 +162,7 @@ def test_mismatched_blocks_are_listed(nca):
 def test_config_accepts_both_forms_and_the_preset_yields(nca):
     nca.configure(['--stage', 'lm', '--max_iters=7', '--batch_size', '3', '--preset=tiny', '--compile', 'false'])
     assert (nca.stage, nca.max_iters, nca.batch_size, nca.compile) == ('lm', 7, 3, False)
-    assert nca.n_embd == 64 and nca.block_size == 256  # from the tiny preset
+    assert nca.n_embd == 128 and nca.block_size == 256  # from the tiny preset
 
 
 def test_sft_masks_the_prompt(nca, tmp_path):
@@ -208,3 +208,10 @@ def test_lm_then_sft_keeps_the_whole_model(tmp_path, lm_data):
             f'--init_from={tmp_path / "lm"}', f'--out_dir={tmp_path / "sft"}')
     assert 'embedding and head kept' in p.stdout
     assert max(train_losses(tmp_path / 'sft')) == 10  # 1 epoch of 40 examples, 4 a step
+
+
+def test_without_a_preset_a_cpu_runs_tiny_and_says_so(tmp_path):
+    p = run('--stage', 'nca', '--max_iters', '2', '--eval_iters=1', '--num_rules=64', '--num_val_rules=16',
+            f'--out_dir={tmp_path}')
+    assert p.stdout.splitlines()[0].startswith('no --preset given: tiny (no GPU here')
+    assert 'preset tiny, cpu float32' in p.stdout and (tmp_path / 'ckpt.pt').exists()
