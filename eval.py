@@ -71,6 +71,7 @@ dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl']
+VOCAB = 50257  # GPT-2's; the model's embedding is padded to 50304
 PROTOCOL = {  # n, temperature, top_p, max_new_tokens, stop strings
     'gsm8k': (32, 0.6, 1.0, 250, ['\n\nQuestion:', 'Question:']),
     'harness': (1, 0.0, 1.0, 256, ['Question:', '</s>', '<|im_end|>']),
@@ -120,7 +121,7 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
             logits, _ = model(torch.tensor([prompt], device=device), cache=[(k_[:1], v_[:1]) for k_, v_ in cache])
         for k_, v_ in cache:  # the prompt's keys and values, for every row
             k_[1:, :, :len(prompt)], v_[1:, :, :len(prompt)] = k_[:1, :, :len(prompt)], v_[:1, :, :len(prompt)]
-        logits = logits[:, -1].float().expand(B, -1)
+        logits = logits[:, -1, :VOCAB].float().expand(B, -1)  # never the ids that only pad the embedding
         tokens, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new):
             nxt = next_tokens(logits, temp, p, k, nca_gpt.uniform(nca_gpt.make_key(keys, step), 1)[:, 0])
@@ -132,7 +133,7 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
                 break
             with autocast():
                 logits, _ = model(nxt[:, None], cache=cache, pos=len(prompt) + step)
-            logits = logits[:, -1].float()
+            logits = logits[:, -1, :VOCAB].float()
         outs += [cut_at_stop(enc.decode([t for t in row if t != EOT]), stops) for row in tokens]
     return outs
 

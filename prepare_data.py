@@ -84,7 +84,7 @@ def download(url, dest, size=None, sha256=None):
             with http().get(url, headers={'Range': f'bytes={have}-'} if have else {}, stream=True, timeout=timeout) as r:
                 if r.status_code == 404:
                     die(f"404 Not Found: {url}")
-                if r.status_code == 416 and size == have:  # the .part was already whole
+                if r.status_code == 416:  # nothing left to send: the .part is whole (its size is checked below)
                     break
                 if r.status_code >= 500 or r.status_code == 429:
                     raise IOError(f"HTTP {r.status_code}")

@@ -195,3 +195,12 @@ def test_humaneval_scores_a_samples_file(bench_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     scores = json.loads((bench_dir / 'he.json').read_text())['scores']
     assert scores == {'pass@1': pytest.approx((0.5 + 0.0) / 2), 'pass@2': pytest.approx((1.0 + 0.0) / 2)}
+
+
+def test_padding_ids_are_never_sampled(tiny_model):
+    with torch.no_grad():  # make an id that only pads the embedding (50257..50303) the most likely by far
+        tiny_model.head.weight[50300] = tiny_model.head.weight[:50257].abs().max() * 1000
+    prompt = nca_gpt.gpt2_encoding().encode('The')
+    for temp in (0.0, 1.0):
+        outs = ev.sample(tiny_model, prompt, 3, 6, temp, 1.0, 0, [], seed_base=0)
+        assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
