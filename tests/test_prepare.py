@@ -239,3 +239,13 @@ def test_benchmarks(server, tmp_path):
     assert all(r['targets'] == ['yes' if int(r['input'].split('q')[-1]) % 2 else 'no'] for r in bbl)
     bbl_sft = [json.loads(line) for line in open(tmp_path / 'bbl' / 'sft_train.jsonl')]
     assert bbl_sft and 'choice: yes\nchoice: no\n\nAnswer:\n' in bbl_sft[0]['prompt']
+
+
+def test_a_whole_part_file_is_finished_not_refetched(server, tmp_path):
+    serve_codeparrot(server)
+    path = '/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000001.json.gz'
+    raw = tmp_path / 'codeparrot' / 'raw'
+    raw.mkdir(parents=True)
+    (raw / 'file-000000000001.json.gz.part').write_bytes(server.files[path])  # killed just before the rename
+    assert run(server, 'codeparrot', data_dir=tmp_path).returncode == 0
+    assert [r for q, r in server.log if q == path] == [f'bytes={len(server.files[path])}-']  # answered 416
