@@ -93,7 +93,8 @@ def load_model():
         die("give --ckpt=PATH (a checkpoint of nca_gpt.py)")
     checkpoint = nca_gpt.load_checkpoint(path)
     if checkpoint['vocab']['kind'] != 'gpt2':
-        die(f"{path} is a {checkpoint['stage']} checkpoint ({checkpoint['vocab']['kind']} tokens): evaluate an lm or sft one")
+        die(f"{path} is a checkpoint of --stage {checkpoint['stage']} ({checkpoint['vocab']['kind']} tokens): "
+            f"evaluate one of lm or sft")
     model = GPT(**checkpoint['model_args'])
     model.load_state_dict(checkpoint['model'])
     return model.to(device).eval(), path
@@ -208,7 +209,8 @@ scratch = os.getcwd()
 faulthandler.disable()
 real_open = builtins.open
 def guarded_open(file, mode='r', *args, **kwargs):
-    if any(c in mode for c in 'wax+') and not os.path.realpath(os.path.join(scratch, str(file))).startswith(scratch + os.sep):
+    inside = os.path.realpath(os.path.join(scratch, str(file))).startswith(scratch + os.sep)
+    if any(c in mode for c in 'wax+') and not inside:
         raise PermissionError('writing outside the scratch directory is disabled')
     return real_open(file, mode, *args, **kwargs)
 builtins.open = guarded_open
@@ -281,9 +283,9 @@ def run_program(program, time_limit=None):
                 drop_to_nobody()
 
         env = {'PATH': '/usr/bin:/bin', 'HOME': scratch, 'TMPDIR': scratch, 'LANG': 'C.UTF-8'}
-        proc = subprocess.Popen([sys.executable, '-I', '-B', '-c', RUNNER, str(nonce_r), str(result_w)], cwd=scratch, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=limits, pass_fds=(nonce_r, result_w))
+        proc = subprocess.Popen([sys.executable, '-I', '-B', '-c', RUNNER, str(nonce_r), str(result_w)], cwd=scratch,
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=limits, pass_fds=(nonce_r, result_w))
         os.close(nonce_r)
         os.close(result_w)
         try:
@@ -426,7 +428,8 @@ def eval_humaneval(model):
         counts[r['task_id']][1] += passed
     n_min = min(c[0] for c in counts.values())
     scores = {f"pass@{k}": float(np.mean([pass_at_k(c[0], c[1], k) for c in counts.values()])) for k in ks(n_min)}
-    return dict(scores=scores, settings=dict(n=n_min, temperature=temp, top_p=p, max_new_tokens=max_new, samples=samples or None),
+    return dict(scores=scores, settings=dict(n=n_min, temperature=temp, top_p=p, max_new_tokens=max_new,
+                                             samples=samples or None),
                 problems=[dict(task_id=r['task_id'], passed=ok, why=why) for r, (ok, why) in zip(rows, results)])
 
 

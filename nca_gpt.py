@@ -81,7 +81,7 @@ warmup_iters = 5000     # linear warm-up
 lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters); the paper's NCA run stops at peak lr
 weight_decay = 0.0
 beta1 = 0.9
-beta2 = 0.95
+beta2 = 0.999           # torch's Adam default, as the paper's code (nanoGPT: 0.95, which the small presets use)
 grad_clip = 1.0         # 0 disables
 # system
 device = ''             # '' picks cuda, then mps, then cpu
@@ -97,11 +97,11 @@ PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-
 PRESETS = {
     # any CPU, a few minutes: every stage end to end, small enough that the loss visibly falls
     'tiny': {'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
-                         learning_rate=3e-3, min_lr=3e-4, max_iters=300, warmup_iters=30, lr_decay_iters=300,
+                         learning_rate=3e-3, min_lr=3e-4, beta2=0.95, max_iters=300, warmup_iters=30, lr_decay_iters=300,
                          eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000, num_val_rules=200),
              'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
     # one GPU: GPT-2 small's shape (85M parameters without embeddings) on the paper's 164M NCA tokens
-    'small': {'all': dict(n_layer=12, n_head=12, n_embd=768, compile=True, eval_interval=500),
+    'small': {'all': dict(n_layer=12, n_head=12, n_embd=768, beta2=0.95, compile=True, eval_interval=500),
               'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4),
               'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4),
               'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4, weight_decay=1e-4,
@@ -640,10 +640,11 @@ def evaluate(model, ctx):
         losses.append(loss.item())
         if stage == 'nca':
             mask = y != -1
-            token_loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')
-            frame = (torch.arange(y.size(1), device=y.device) + 1) // frame_len()           # frame of each target
-            frame_sum = frame_sum + torch.zeros(frame.max() + 1, device=y.device).index_add_(0, frame, (token_loss * mask).sum(0))
-            frame_count = frame_count + torch.zeros(frame.max() + 1, device=y.device).index_add_(0, frame, mask.sum(0).float())
+            token_loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')  # (B, T)
+            frame = (torch.arange(y.size(1), device=y.device) + 1) // frame_len()  # (T,) the frame of each target
+            by_frame = lambda v: torch.zeros(frame[-1] + 1, device=v.device).index_add(0, frame, v)  # noqa: E731
+            frame_sum = frame_sum + by_frame(token_loss.sum(0))
+            frame_count = frame_count + by_frame(mask.sum(0).float())
             correct += ((logits.argmax(-1) == y) & mask).sum().item()
             total += mask.sum().item()
     model.train()
@@ -700,7 +701,8 @@ def train():
     # model: from scratch, resumed, or transferred from another stage's checkpoint
     vocab = stage_vocab()
     vocab_size = -(-vocab['size'] // 64) * 64  # padded to a multiple of 64: faster matmuls, the rest unused
-    model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout)
+    model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                      dropout=dropout)
     iter_num, best_val_loss, checkpoint = 0, float('inf'), None
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'resume':
@@ -717,8 +719,8 @@ def train():
         transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep)
         if master:
             print(f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
-                  f"embedding and head {'kept' if keep else 'fresh for ' + vocab['kind']}" + (f"; reinit {reinit}" if reinit else '')
-                  + (f"; frozen {freeze}" if freeze else ''))
+                  f"embedding and head {'kept' if keep else 'fresh for ' + vocab['kind']}"
+                  + (f"; reinit {reinit}" if reinit else '') + (f"; frozen {freeze}" if freeze else ''))
     model.to(device)
 
     # optimiser: AdamW, decay on matrices only, fused on CUDA
@@ -737,7 +739,8 @@ def train():
     if compile:
         model = torch.compile(model)
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+        local = [int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=local)
 
     n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
@@ -778,7 +781,8 @@ def train():
                     fl = stats['frame_loss']
                     extra = (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
                              f" | next-frame acc {stats['next_frame_acc']:.1%}")
-                print(f"step {iter_num}: val loss {stats['val_loss']:.4f} (ppl {math.exp(min(stats['val_loss'], 50)):.2f}){extra}")
+                ppl = math.exp(min(stats['val_loss'], 50))
+                print(f"step {iter_num}: val loss {stats['val_loss']:.4f} (ppl {ppl:.2f}){extra}")
                 log_write(log, dict(step=iter_num, **stats))
             save(iter_num)
         if iter_num >= max_iters:
@@ -810,8 +814,9 @@ def train():
             mfu = f" | mfu {flops_per_iter / dt / peak_flops:.1%}" if peak_flops else ''
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             if master:
-                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {tokens_per_iter() / dt:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
-                log_write(log, dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=tokens_per_iter() / dt, time=time.time() - t_start))
+                rate = tokens_per_iter() / dt
+                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+                log_write(log, dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=rate, time=time.time() - t_start))
     if master:
         print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {(time.time() - t_start) / 60:.1f} min; "
               f"val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")

@@ -209,7 +209,8 @@ def corpus_shards(name):
         urls = [f"{hf}/allenai/c4/resolve/main/en/c4-train.{i:05d}-of-01024.json.gz" for i in range(1024)]
         return [(u, os.path.join(raw, os.path.basename(u)), None, None) for u in urls], lambda p: read_jsonl(p, 'text')
     listing = {'codeparrot': ('codeparrot/codeparrot-clean', '', r'file-\d+\.json\.gz', lambda p: read_jsonl(p, 'content')),
-               'openwebmath': ('open-web-math/open-web-math', 'data', r'train-.*\.parquet', lambda p: read_parquet(p, 'text'))}
+               'openwebmath': ('open-web-math/open-web-math', 'data', r'train-.*\.parquet',
+                               lambda p: read_parquet(p, 'text'))}
     repo, folder, pattern, reader = listing[name]
     cache = os.path.join(raw, 'listing.json')
     if not os.path.exists(cache):
@@ -260,7 +261,7 @@ def tokenize_shard(name, i, docs, budget, progress):
         raise
     for f in files.values():
         f.close()
-    for s, p in paths.items():
+    for p in paths.values():
         os.replace(p + '.part', p)
     record = dict(shard=i, documents=n_docs, train_tokens=counts['train'], val_tokens=counts['val'],
                   complete=not (budget and counts['train'] >= budget))
@@ -295,7 +296,8 @@ def prepare_corpus(name):
                     UnicodeDecodeError) as e:
                 if url and os.path.exists(path):
                     os.remove(path)  # a corrupt download: fetch it again next time
-                die(f"corrupt shard {path}: {type(e).__name__}: {e}" + ("; deleted, rerun to fetch it again" if url else ''))
+                again = "; deleted, rerun to fetch it again" if url else ''
+                die(f"corrupt shard {path}: {type(e).__name__}: {e}{again}")
             eta = (time.time() - t0) / (i + 1) * (len(shards) - i - 1)
             print(f"\n  shard {i + 1}/{len(shards)} done, {record['train_tokens']:,} train tokens; "
                   f"ETA for all shards {eta / 3600:.1f} h" + (" (less with --max_tokens)" if max_tokens else ''))
@@ -389,7 +391,8 @@ def prepare_benchmark(name):
     if name == 'gsm8k':
         base = f"{github_base}/openai/grade-school-math/master/grade_school_math/data"
         for split in ('train', 'test'):
-            rows = [dict(question=q['question'], answer=q['answer']) for q in read_json_lines(fetch(f"{base}/{split}.jsonl", f"{split}.jsonl"))]
+            records = read_json_lines(fetch(f"{base}/{split}.jsonl", f"{split}.jsonl"))
+            rows = [dict(question=q['question'], answer=q['answer']) for q in records]
             write_jsonl(os.path.join(folder, f'{split}.jsonl'), rows)
             counts[split] = len(rows)
             if split == 'train':  # 2% of train held out for the sft validation loss; test stays unseen
@@ -431,7 +434,8 @@ def prepare_benchmark(name):
 
 def read_json_lines(path):
     try:
-        return [json.loads(line) for line in (gzip.open(path, 'rt') if path.endswith('.gz') else open(path)) if line.strip()]
+        with (gzip.open(path, 'rt') if path.endswith('.gz') else open(path)) as f:
+            return [json.loads(line) for line in f if line.strip()]
     except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
         os.remove(path)
         die(f"corrupt file {path}: {type(e).__name__}: {e}; deleted, rerun to fetch it again")
@@ -444,8 +448,8 @@ def bbl_examples(task, fetch):
     spec = json.load(open(fetch(f"{base}/task.json", f"{task}.json")))
     specs = [(None, spec)]
     if 'examples' not in spec:
-        r = http().get(f"{github_api}/repos/google/BIG-bench/contents/bigbench/benchmark_tasks/{task}?ref={bigbench_commit}",
-                       timeout=timeout)
+        listing = f"{github_api}/repos/google/BIG-bench/contents/bigbench/benchmark_tasks/{task}?ref={bigbench_commit}"
+        r = http().get(listing, timeout=timeout)
         if r.status_code != 200:
             die(f"HTTP {r.status_code} listing the subtasks of {task}")
         specs = [(d['name'], json.load(open(fetch(f"{base}/{d['name']}/task.json", f"{task}.{d['name']}.json"))))

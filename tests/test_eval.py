@@ -9,7 +9,6 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ROOT
 
