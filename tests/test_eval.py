@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from conftest import ROOT
+from fixture_server import FixtureServer, serve_benchmarks
 
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 import nca_gpt  # noqa: E402
+import prepare_data  # noqa: E402
 
 
 @pytest.mark.parametrize('n,c,k,want', [
@@ -139,28 +141,21 @@ def test_perplexity_is_exp_of_the_mean_loss(tiny_model, tmp_path, monkeypatch):
 
 @pytest.fixture
 def bench_dir(tmp_path):
-    """A tiny checkpoint and a small fixture of each benchmark, in prepare_data.py's format."""
+    """A tiny checkpoint, and each benchmark fetched in its own format from a local server by prepare_data.py."""
     torch.manual_seed(0)
     model = nca_gpt.GPT(50304, n_layer=1, n_head=2, n_embd=32, block_size=512)
     torch.save(dict(model=model.state_dict(), model_args=dict(vocab_size=50304, n_layer=1, n_head=2, n_embd=32,
                                                               block_size=512, dropout=0.0),
                     vocab=dict(kind='gpt2', size=50257), stage='lm', iter_num=0), tmp_path / 'ckpt.pt')
-    data = tmp_path / 'data'
-
-    def write(path, rows):
-        (data / path).parent.mkdir(parents=True, exist_ok=True)
-        (data / path).write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    gsm = [dict(question=f'Tom has {i} apples and buys {i} more. How many?', answer=f'{i}+{i}=<<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}')
-           for i in range(1, 8)]
-    write('gsm8k/train.jsonl', gsm)
-    write('gsm8k/test.jsonl', gsm[:3])
-    write('humaneval/test.jsonl', [dict(task_id=f'HumanEval/{i}', prompt=f'def add{i}(a, b):\n', entry_point=f'add{i}',
-                                        canonical_solution='    return a + b\n',
-                                        test='def check(f):\n    assert f(2, 3) == 5\n') for i in range(2)])
-    bbl = [dict(task=t, subtask=None, input=f'Is {i} even?', choices=['yes', 'no'], targets=['yes' if i % 2 == 0 else 'no'])
-           for t in ('winowhy', 'operators') for i in range(4)]
-    write('bbl/train.jsonl', bbl)
-    write('bbl/test.jsonl', bbl)
+    server = FixtureServer()
+    try:
+        serve_benchmarks(server, prepare_data.bigbench_commit, prepare_data.BBL_TASKS)
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), 'gsm8k', 'humaneval', 'bbl',
+                            f'--data_dir={tmp_path / "data"}', f'--github_base={server.url}', f'--github_api={server.url}'],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+    finally:
+        server.close()
     return tmp_path
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from fixture_server import FixtureServer
+from fixture_server import FixtureServer, serve_benchmarks
 
 sys.path.insert(0, ROOT)
 import prepare_data  # noqa: E402
@@ -205,25 +205,7 @@ def test_bad_names_and_addresses(server, tmp_path):
 
 
 def test_benchmarks(server, tmp_path):
-    gsm = [{'question': f'What is {i} + {i}?', 'answer': f'{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}'}
-           for i in range(100)]
-    base = '/openai/grade-school-math/master/grade_school_math/data'
-    for split in ('train', 'test'):
-        server.files[f'{base}/{split}.jsonl'] = ''.join(json.dumps(r) + '\n' for r in gsm).encode()
-    he = [{'task_id': f'HumanEval/{i}', 'prompt': 'def f():\n', 'canonical_solution': '    return 1\n',
-           'test': 'def check(c):\n    assert c() == 1\n', 'entry_point': 'f'} for i in range(3)]
-    server.files['/openai/human-eval/master/data/HumanEval.jsonl.gz'] = jsonl_gz(he)
-    commit = prepare_data.bigbench_commit
-    tasks = f'/google/BIG-bench/{commit}/bigbench/benchmark_tasks'
-    for t in prepare_data.BBL_TASKS:
-        examples = [{'input': f'{t} q{i}', 'target_scores': {'yes': i % 2, 'no': 1 - i % 2}} for i in range(150)]
-        if t == 'logical_deduction':  # examples live in subtask folders
-            server.files[f'{tasks}/{t}/task.json'] = json.dumps({'name': t}).encode()
-            server.files[f'/repos/google/BIG-bench/contents/bigbench/benchmark_tasks/{t}'] = json.dumps(
-                [{'name': 'three_objects', 'type': 'dir'}, {'name': 'README.md', 'type': 'file'}]).encode()
-            server.files[f'{tasks}/{t}/three_objects/task.json'] = json.dumps({'examples': examples[:20]}).encode()
-        else:
-            server.files[f'{tasks}/{t}/task.json'] = json.dumps({'examples': examples}).encode()
+    gsm, he = serve_benchmarks(server, prepare_data.bigbench_commit, prepare_data.BBL_TASKS)
     p = run(server, 'gsm8k', 'humaneval', 'bbl', data_dir=tmp_path)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in open(tmp_path / 'gsm8k' / 'test.jsonl')]
