@@ -86,7 +86,7 @@ grad_clip = 1.0         # 0 disables
 # system
 device = ''             # '' picks cuda, then mps, then cpu
 dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
-compile = False         # torch.compile the model
+compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
 # --stage show
 json = ''               # also write the statistics to this path
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
@@ -662,6 +662,8 @@ def apply_preset(overrides):
         print(f"no --preset given: {name}" + (" (no GPU here: a few minutes on a CPU; --preset=small or paper "
                                                 "for real runs)" if name == 'tiny' else ''))
     values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(overrides.get('stage', stage), {})}
+    if not (overrides.get('device') or pick_device()).startswith('cuda'):
+        values['compile'] = False  # compiling pays on a GPU only (--compile=true still asks for it)
     globals().update(values, preset=name)
 
 

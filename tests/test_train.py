@@ -215,3 +215,10 @@ def test_without_a_preset_a_cpu_runs_tiny_and_says_so(tmp_path):
             f'--out_dir={tmp_path}')
     assert p.stdout.splitlines()[0].startswith('no --preset given: tiny (no GPU here')
     assert 'preset tiny, cpu float32' in p.stdout and (tmp_path / 'ckpt.pt').exists()
+
+
+def test_presets_compile_only_on_a_gpu(nca):
+    nca.configure(['--preset=small', '--device=cpu'])
+    assert nca.n_embd == 768 and nca.compile is False
+    nca.configure(['--preset=small', '--device=cpu', '--compile=true'])
+    assert nca.compile is True
