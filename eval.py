@@ -141,7 +141,7 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
 
 def next_tokens(logits, temp, p, k, u):
     """logits (B, V), u (B,) uniforms -> (B,) next tokens: greedy at temperature 0, else top-k, top-p (nucleus)
-    sampling by the inverse CDF (searchsorted never lands on a token of probability 0)."""
+    sampling by the inverse CDF, as the NCA rollout samples its cells."""
     if temp == 0:
         return logits.argmax(-1)
     logits = logits / temp
@@ -152,8 +152,7 @@ def next_tokens(logits, temp, p, k, u):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > p
         probs = probs.scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_max(logits.size(1) - 1)
+    return nca_gpt.categorical(probs, u)
 
 
 def cut_at_stop(text, stops):

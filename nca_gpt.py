@@ -162,8 +162,10 @@ def randint(keys, n, high):
 
 
 def categorical(probs, u):
-    """Inverse-CDF sampling: probs (..., n), u (...) uniforms -> (...) indices."""
-    return (probs.cumsum(-1) < u.unsqueeze(-1)).sum(-1).clamp_max(probs.size(-1) - 1)
+    """Inverse-CDF sampling: probs (..., n), not necessarily normalised, u (...) uniforms -> (...) indices.
+    u is scaled by the total, so that rounding in the cumulative sum never picks an index of probability 0."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1).clamp_max(probs.size(-1) - 1)
 
 
 # --- the rule network ---------------------------------------------------------
@@ -200,7 +202,7 @@ def initial_grids(keys, n, size):
     """keys (R,) -> (R, size, size) long: per trajectory, colour logits ~ N(0, 1), then i.i.d. cells."""
     u = uniform(keys, n + size * size)
     probs = torch.softmax(torch.special.ndtri(u[:, :n]), dim=-1)             # (R, n)
-    cells = categorical(probs[:, None, :], u[:, n:])                          # (R, size*size)
+    cells = categorical(probs[:, None, :].expand(-1, size * size, -1).contiguous(), u[:, n:])  # (R, size*size)
     return cells.view(-1, size, size)
 
 
@@ -217,7 +219,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     rules (R, P), grid0 (R, S, S) long, keys (R,) for the sampling noise -> (R, n_steps + 1, S, S):
     the initial grid, then the state after each step."""
     R, S, _ = grid0.shape
-    n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)
+    n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)  # states, from the rule's 52 n + 64 weights
     w1, w2, w3 = unpack_rules(rules, n)
     # conv 3x3 then conv 1x1 with nothing between is one linear map, and its input is one-hot, so the
     # first two layers collapse into a lookup table: (neighbour k, that neighbour's state) -> 16 values.
@@ -237,8 +239,10 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
             logits = logits + identity_bias * F.one_hot(state, n)
         if temperature == 0:
             state = logits.argmax(-1)
-        else:
-            state = categorical(torch.softmax(logits / temperature, dim=-1), u[:, t])
+        else:  # softmax(logits / T), unnormalised (categorical scales by the total); the clamp keeps exp out
+            # of the slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
+            weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
+            state = categorical(weights, u[:, t])
         states.append(state)
     return torch.stack(states, 1).view(R, n_steps + 1, S, S)
 
