@@ -112,17 +112,19 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
     if max_new >= model.block_size:
         die(f"--max_new_tokens={max_new} leaves no room for the prompt in a context of {model.block_size}")
     prompt = prompt[-(model.block_size - max_new):]  # keep the end of a prompt too long for the context
+    cache_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+    prefill = model.new_cache(1, len(prompt), cache_dtype, device)  # the prompt's keys and values, computed once
+    with autocast():
+        prompt_logits, _ = model(torch.tensor([prompt], device=device), cache=prefill)
     outs = []
     for first in range(0, n_samples, batch_size):
         B = min(batch_size, n_samples - first)
         # sample j of a problem draws from its own hashed stream: the same whatever the batch size or device
         keys = nca_gpt.make_key(seed, seed_base, torch.arange(first, first + B, device=device))
-        cache = model.new_cache(B, len(prompt) + max_new, torch.bfloat16 if dtype == 'bfloat16' else torch.float32, device)
-        with autocast():
-            logits, _ = model(torch.tensor([prompt], device=device), cache=[(k_[:1], v_[:1]) for k_, v_ in cache])
-        for k_, v_ in cache:  # the prompt's keys and values, for every row
-            k_[1:, :, :len(prompt)], v_[1:, :, :len(prompt)] = k_[:1, :, :len(prompt)], v_[:1, :, :len(prompt)]
-        logits = logits[:, -1, :VOCAB].float().expand(B, -1)  # never the ids that only pad the embedding
+        cache = model.new_cache(B, len(prompt) + max_new, cache_dtype, device)
+        for (k_, v_), (pk, pv) in zip(cache, prefill):  # every row starts from the prompt
+            k_[:, :, :len(prompt)], v_[:, :, :len(prompt)] = pk, pv
+        logits = prompt_logits[:, -1, :VOCAB].float().expand(B, -1)  # never the ids that only pad the embedding
         tokens, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new):
             nxt = next_tokens(logits, temp, p, k, nca_gpt.uniform(nca_gpt.make_key(keys, step), 1)[:, 0])

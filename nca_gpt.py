@@ -14,6 +14,7 @@ Run:  python nca_gpt.py --stage show
       torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
 Every config value below can be overridden as --key=value or --key value.
 """
+import functools
 import gzip
 import json as jsonlib  # `json` is a config key (--json=PATH)
 import math
@@ -287,11 +288,16 @@ def gzip_ratio(tokens):
 _gzip_pool = ThreadPoolExecutor(os.cpu_count())  # zlib releases the GIL, so threads use every core
 
 
-def rule_complexity(rules, keys):
-    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of gzip_frames frames after
-    burn-in, from a random initial grid of the rule's own."""
+def trajectories(rules, keys, n_frames):
+    """rules (R, P), keys (R,) -> (R, n_frames, S, S): from a random initial grid of each key's own, the
+    frames after burn-in."""
     grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
-    frames = rollout(rules, grid0, burn_in + gzip_frames - 1, keys, temperature, identity_bias)[:, burn_in:]
+    return rollout(rules, grid0, burn_in + n_frames - 1, keys, temperature, identity_bias)[:, burn_in:]
+
+
+def rule_complexity(rules, keys):
+    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames."""
+    frames = trajectories(rules, keys, gzip_frames)
     tokens = frame_tokens(frames, n_states, patch).flatten(1).cpu().numpy()
     return torch.tensor(list(_gzip_pool.map(gzip_ratio, tokens)), dtype=torch.float32)
 
@@ -336,9 +342,7 @@ def frame_len():
 def nca_sequences(rules, keys):
     """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per sequence."""
     n_frames = -(-(block_size + 1) // frame_len())  # 27 frames at the defaults
-    grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
-    frames = rollout(rules, grid0, burn_in + n_frames - 1, keys, temperature, identity_bias)[:, burn_in:]
-    return tokenize(frames, n_states, patch)[:, :block_size + 1]
+    return tokenize(trajectories(rules, keys, n_frames), n_states, patch)[:, :block_size + 1]
 
 
 def sequence_ids(index, batch_size):
@@ -390,11 +394,16 @@ def dyck_batch(split, index, batch_size):
 EOT = 50256  # GPT-2's <|endoftext|>; tiktoken's r50k_base has the same ids as gpt2
 
 
+@functools.lru_cache(maxsize=8)
+def _read_meta(path):
+    return jsonlib.load(open(path))
+
+
 def dataset_meta(name):
     path = os.path.join(data_dir, name, 'meta.json')
     if not os.path.exists(path):
         die(f"no dataset {name!r} in {data_dir}/: run `python prepare_data.py {name}` first")
-    return jsonlib.load(open(path))
+    return _read_meta(path)  # read once: lm_batch asks every batch
 
 
 def lm_batch(split, index, batch_size):
@@ -901,8 +910,7 @@ def show():
 
     color = sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
     print(f"Four rules in the band ({gzip_lower}, {gzip_upper}), frames 0-3 after {burn_in} burn-in steps:")
-    frames = rollout(kept[:4], initial_grids(make_key(kept_keys[:4], GRID), n_states, grid), burn_in + 3,
-                     kept_keys[:4], temperature, identity_bias)[:, burn_in:]
+    frames = trajectories(kept[:4], kept_keys[:4], 4)
     for r, (f, ratio) in enumerate(zip(frames.cpu(), ratios[in_band][:4].tolist())):
         print(f"\nrule {r}, gzip ratio {ratio:.3f}")
         print('\n'.join(draw_frames(f, color)))
