@@ -127,7 +127,7 @@ CHOICES = {'stage': ['show', 'nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny',
 # batch size, the number of GPUs, the device, or where a resumed run picks up.
 
 MASK32 = 0xFFFFFFFF
-RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT = 1, 2, 3, 4, 5, 6, 7  # streams: what the numbers are for
+RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE = 1, 2, 3, 4, 5, 6, 7, 8  # streams: what the numbers are for
 SPLITS = {'train': 0, 'val': 1}
 
 
@@ -290,9 +290,10 @@ _gzip_pool = ThreadPoolExecutor(os.cpu_count())  # zlib releases the GIL, so thr
 
 def trajectories(rules, keys, n_frames):
     """rules (R, P), keys (R,) -> (R, n_frames, S, S): from a random initial grid of each key's own, the
-    frames after burn-in."""
+    frames after burn-in. The grid and the sampling noise have streams of their own (a rule's key already
+    made its weights)."""
     grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
-    return rollout(rules, grid0, burn_in + n_frames - 1, keys, temperature, identity_bias)[:, burn_in:]
+    return rollout(rules, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)[:, burn_in:]
 
 
 def rule_complexity(rules, keys):

@@ -198,3 +198,17 @@ def test_bad_options_are_one_line_errors(args, message):
     p = run_script(*args)
     assert p.returncode != 0 and message in p.stderr and 'Traceback' not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
+    """Every draw (rule weights, initial grids, rollout noise, order, sequences) hashes a key of its own:
+    a key that feeds two calls would make two supposedly independent things functions of each other."""
+    nca.grid, nca.block_size, nca.num_rules, nca.num_val_rules = 8, 40, 16, 8
+    seen, real = [], nca.hash_bits
+    monkeypatch.setattr(nca, 'hash_bits', lambda keys, n: seen.append(set(keys.tolist())) or real(keys, n))
+    nca.nca_batch('train', 0, 4)
+    nca.nca_batch('val', 0, 4)
+    assert len(seen) >= 8
+    for a in range(len(seen)):
+        for b in range(a):
+            assert not seen[a] & seen[b], (a, b)
