@@ -7,6 +7,7 @@ Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BI
     python eval.py humaneval --ckpt=out-lm/ckpt.pt           # 64 samples at T 0.4, top-p 0.95; pass@1, 2, 4, ...
     python eval.py humaneval --samples=samples.jsonl         # score completions made by any model
     python eval.py bbl --ckpt=out-sft/ckpt.pt                # 19 BIG-bench Lite tasks, 2 shots, pass@k for chance
+    python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # runs' log.jsonl, arms over seeds
 
 Data comes from prepare_data.py (data/NAME/). Every run prints a table and writes a JSON (--out) with the
 numbers, the checkpoint, the settings and the seed. Samples are drawn in batches with a key/value cache: the
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import nca_gpt
-from nca_gpt import EOT, GPT, atomic_write, parse_args
+from nca_gpt import GPT, atomic_write, parse_args
 from prepare_data import bbl_prompt, gsm8k_prompt, gsm8k_target
 
 # -----------------------------------------------------------------------------
@@ -65,13 +66,16 @@ timeout = 10.0          # seconds per program
 memory_mb = 2048        # address-space limit per program
 workers = os.cpu_count()  # programs run in parallel
 out = ''                # JSON of the results ('' = eval-{task}.json)
+runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (an arm's runs are its seeds)
+baseline = ''           # compare: the arm the others are measured against ('' = the first)
+png = ''                # compare: also plot validation loss against tokens here (needs matplotlib)
 seed = 1337
 device = ''
 dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
-TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl']
-VOCAB = 50257  # GPT-2's; the model's embedding is padded to 50304
+TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare']
+vocab = dict(kind='gpt2', size=50257)  # load_model sets the checkpoint's: kind gpt2 | bytes; the embedding pads past size
 PROTOCOL = {  # n, temperature, top_p, max_new_tokens, stop strings
     'gsm8k': (32, 0.6, 1.0, 250, ['\n\nQuestion:', 'Question:']),
     'harness': (1, 0.0, 1.0, 256, ['Question:', '</s>', '<|im_end|>']),
@@ -88,11 +92,13 @@ def die(msg):
 # Model and sampling
 # =============================================================================
 def load_model():
+    global vocab
     path = os.path.join(ckpt, 'ckpt.pt') if os.path.isdir(ckpt) else ckpt
     if not path:
         die("give --ckpt=PATH (a checkpoint of nca_gpt.py)")
     checkpoint = nca_gpt.load_checkpoint(path)
-    if checkpoint['vocab']['kind'] != 'gpt2':
+    vocab = checkpoint['vocab']
+    if vocab['kind'] not in ('gpt2', 'bytes'):
         die(f"{path} is a checkpoint of --stage {checkpoint['stage']} ({checkpoint['vocab']['kind']} tokens): "
             f"evaluate one of lm or sft")
     model = GPT(**checkpoint['model_args'])
@@ -108,7 +114,7 @@ def autocast():
 def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
     """n_samples completions of one prompt (token ids). The prompt is prefilled once; its cache is copied to
     every row, then all rows advance one token a step. -> list of completion strings, cut at the first stop."""
-    enc = nca_gpt.gpt2_encoding()
+    _, decode, eot = nca_gpt.text_codec(vocab['kind'])
     if max_new >= model.block_size:
         die(f"--max_new_tokens={max_new} leaves no room for the prompt in a context of {model.block_size}")
     prompt = prompt[-(model.block_size - max_new):]  # keep the end of a prompt too long for the context
@@ -124,20 +130,20 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
         cache = model.new_cache(B, len(prompt) + max_new, cache_dtype, device)
         for (k_, v_), (pk, pv) in zip(cache, prefill):  # every row starts from the prompt
             k_[:, :, :len(prompt)], v_[:, :, :len(prompt)] = pk, pv
-        logits = prompt_logits[:, -1, :VOCAB].float().expand(B, -1)  # never the ids that only pad the embedding
+        logits = prompt_logits[:, -1, :vocab['size']].float().expand(B, -1)  # never the ids that pad the embedding
         tokens, done = [[] for _ in range(B)], [False] * B
         for step in range(max_new):
             nxt = next_tokens(logits, temp, p, k, nca_gpt.uniform(nca_gpt.make_key(keys, step), 1)[:, 0])
             for b, t in enumerate(nxt.tolist()):  # one sync a step
                 if not done[b]:
                     tokens[b].append(t)  # a stop string is a few tokens: look at the end of the row only
-                    done[b] = t == EOT or any(s in enc.decode(tokens[b][-16:]) for s in stops)
+                    done[b] = t == eot or any(s in decode(tokens[b][-16:]) for s in stops)
             if all(done) or step == max_new - 1:
                 break
             with autocast():
                 logits, _ = model(nxt[:, None], cache=cache, pos=len(prompt) + step)
-            logits = logits[:, -1, :VOCAB].float()
-        outs += [cut_at_stop(enc.decode([t for t in row if t != EOT]), stops) for row in tokens]
+            logits = logits[:, -1, :vocab['size']].float()
+        outs += [cut_at_stop(decode([t for t in row if t != eot]), stops) for row in tokens]
     return outs
 
 
@@ -332,13 +338,31 @@ def settings(task):
     return (n or n0, t0 if temperature < 0 else temperature, p0 if top_p < 0 else top_p, max_new_tokens or m0, stops)
 
 
+def token_bytes():
+    """(size,) the UTF-8 length of each token id of the model's vocabulary (0 for end-of-text): bits per byte
+    divide a loss by these, so that models with other tokenizers compare on the same text."""
+    _, _, eot = nca_gpt.text_codec(vocab['kind'])
+    if vocab['kind'] == 'bytes':
+        lengths = [1] * 256 + [0]
+    else:
+        enc = nca_gpt.gpt2_encoding()
+        lengths = [len(enc.decode_single_token_bytes(i)) for i in range(vocab['size'])]
+    lengths[eot] = 0
+    return torch.tensor(lengths, dtype=torch.float64)
+
+
 def eval_ppl(model):
-    """exp of the mean next-token loss over non-overlapping windows of the model's context."""
-    results = {}
+    """exp of the mean next-token loss over non-overlapping windows of the model's context, and bits per byte."""
+    results, n_bytes = {}, token_bytes()
     for name in datasets.split(','):
         path = os.path.join(data_dir, name, 'val.bin')
-        if not os.path.exists(path):
+        meta_path = os.path.join(data_dir, name, 'meta.json')
+        if not os.path.exists(path) or not os.path.exists(meta_path):
             die(f"no {path}: run `python prepare_data.py {name}` first")
+        kind = json.load(open(meta_path)).get('tokenizer', 'gpt2')
+        if kind != vocab['kind']:
+            die(f"{name} holds {kind} tokens and the model reads {vocab['kind']}: prepare the corpus with "
+                f"--tokenizer={vocab['kind']} under another name")
         tokens = np.memmap(path, dtype=np.uint16, mode='r')
         T = model.block_size
         n_windows = (len(tokens) - 1) // T
@@ -346,7 +370,7 @@ def eval_ppl(model):
             n_windows = min(n_windows, max(1, max_tokens // T))
         if n_windows == 0:
             die(f"{path} holds {len(tokens)} tokens, fewer than one window of {T + 1}")
-        total, count = 0.0, 0
+        total, count, text_bytes = 0.0, 0, 0.0
         for first in range(0, n_windows, batch_size):
             rows = [tokens[w * T:w * T + T + 1].astype(np.int64) for w in range(first, min(first + batch_size, n_windows))]
             xy = torch.from_numpy(np.stack(rows)).to(device)
@@ -354,13 +378,17 @@ def eval_ppl(model):
                 logits, _ = model(xy[:, :-1])
             total += F.cross_entropy(logits.float().flatten(0, 1), xy[:, 1:].flatten(), reduction='sum').item()
             count += xy[:, 1:].numel()
-        results[name] = dict(ppl=math.exp(total / count), loss=total / count, tokens=count)
-        print(f"{name:<16} ppl {results[name]['ppl']:8.3f}  loss {total / count:.4f}  ({count:,} tokens)")
+            text_bytes += n_bytes[xy[:, 1:].cpu()].sum().item()
+        bpb = total / math.log(2) / text_bytes
+        results[name] = dict(ppl=math.exp(total / count), loss=total / count, bits_per_byte=bpb, tokens=count,
+                             bytes=int(text_bytes))
+        print(f"{name:<16} ppl {results[name]['ppl']:8.3f}  loss {total / count:.4f}  bits per byte {bpb:.4f}  "
+              f"({count:,} tokens, {int(text_bytes):,} bytes)")
     return results
 
 
 def eval_gsm8k(model):
-    enc = nca_gpt.gpt2_encoding()
+    encode = nca_gpt.text_codec(vocab['kind'])[0]
     train = read_jsonl(os.path.join(data_dir, 'gsm8k', 'train.jsonl'), 'gsm8k', apply_limit=False)
     test = read_jsonl(os.path.join(data_dir, 'gsm8k', 'test.jsonl'), 'gsm8k')
     task = 'gsm8k' if style == 'paper' else 'harness'
@@ -376,7 +404,7 @@ def eval_gsm8k(model):
         else:  # lm-evaluation-harness: the first 5 training examples, "Question: ... Answer: ..."
             prompt = ''.join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in train[:5])
             prompt += f"Question: {row['question']}\nAnswer:"
-        outs = sample(model, enc.encode_ordinary(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
+        outs = sample(model, encode(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
         how = ['paper'] if style == 'paper' else ['strict', 'flexible']
         answers = {h: [extract_answer(o, h) for o in outs] for h in how}
         unparsable += sum(a is None for a in answers[how[0]])
@@ -412,10 +440,10 @@ def eval_humaneval(model):
             die(f"{samples}: unknown task_id {unknown[0]!r} (not in {data_dir}/humaneval/test.jsonl)")
         problems = [pr for pr in problems if any(r['task_id'] == pr['task_id'] for r in rows)]
     else:
-        enc, rows, t0 = nca_gpt.gpt2_encoding(), [], time.time()
+        encode, rows, t0 = nca_gpt.text_codec(vocab['kind'])[0], [], time.time()
         for i, pr in enumerate(problems):
             rows += [dict(task_id=pr['task_id'], completion=c) for c in
-                     sample(model, enc.encode_ordinary(pr['prompt']), n_samples, max_new, temp, p, top_k, stops, seed + i)]
+                     sample(model, encode(pr['prompt']), n_samples, max_new, temp, p, top_k, stops, seed + i)]
             print(f"\rhumaneval {i + 1}/{len(problems)}, {time.time() - t0:.0f}s", end='', flush=True)
         print()
         samples_path = os.path.splitext(out)[0] + '.samples.jsonl'
@@ -438,11 +466,11 @@ def eval_bbl(model):
     train = read_jsonl(os.path.join(data_dir, 'bbl', 'train.jsonl'), 'bbl', apply_limit=False)
     test = read_jsonl(os.path.join(data_dir, 'bbl', 'test.jsonl'), 'bbl')
     n_samples, temp, p, max_new, stops = settings('bbl')
-    enc, per_task, t0 = nca_gpt.gpt2_encoding(), {}, time.time()
+    encode, per_task, t0 = nca_gpt.text_codec(vocab['kind'])[0], {}, time.time()
     for i, ex in enumerate(test):
         shots = [s for s in train if s['task'] == ex['task']][:2]  # 2 fixed shots per task
         prompt = ''.join(bbl_prompt(s) + s['targets'][0] + '\n\n' for s in shots) + bbl_prompt(ex)
-        outs = sample(model, enc.encode_ordinary(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
+        outs = sample(model, encode(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
         targets = {t.strip().lower() for t in ex['targets']}
         correct = sum(o.strip().lower() in targets for o in outs)
         per_task.setdefault(ex['task'], []).append((correct, len(ex['choices'])))
@@ -458,6 +486,91 @@ def eval_bbl(model):
     return dict(scores=scores, tasks=tasks, settings=dict(n=n_samples, temperature=temp, top_p=p, max_new_tokens=max_new))
 
 
+# =============================================================================
+# Comparing runs as the paper does: final perplexity, and the tokens needed to reach the baseline's
+# =============================================================================
+def val_curve(out_dir):
+    """A run's validation losses -> [(tokens, loss)] in order (older logs without tokens: steps)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if not os.path.exists(path):
+        die(f"no {path}: is {out_dir} a run of nca_gpt.py?")
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    curve = [(r.get('tokens', r['step']), r['val_loss']) for r in rows if 'val_loss' in r]
+    if not curve:
+        die(f"{path} holds no evaluation yet")
+    return curve
+
+
+def tokens_to_reach(curve, target):
+    """The tokens at which a curve [(tokens, loss)] first reaches `target`, linear between evaluations;
+    None if it never does."""
+    if curve[0][1] <= target:
+        return curve[0][0]
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def mean_curve(curves):
+    """The seeds' curves averaged at the evaluations they share."""
+    common = sorted(set.intersection(*(set(t for t, _ in c) for c in curves)))
+    return [(t, float(np.mean([dict(c)[t] for c in curves]))) for t in common]
+
+
+def eval_compare(_):
+    import glob
+    arms = {}
+    for item in filter(None, runs.split(',')):
+        name, eq, pattern = item.partition('=')
+        dirs = sorted(d for d in glob.glob(pattern) if os.path.isdir(d))
+        if not eq or not dirs:
+            die(f"--runs: {item!r} names no run folder: give NAME=GLOB, e.g. nca=out-nca-s*")
+        arms[name] = {d: val_curve(d) for d in dirs}
+    if not arms:
+        die("give --runs=NAME=GLOB,NAME=GLOB,... (each glob: the out_dirs of one arm, one per seed)")
+    base = baseline or next(iter(arms))
+    if base not in arms:
+        die(f"--baseline={base} is not one of the arms: {', '.join(arms)}")
+    finals = {a: np.array([c[-1][1] for c in runs_.values()]) for a, runs_ in arms.items()}
+    base_mean, base_std = finals[base].mean(), finals[base].std(ddof=1) if len(finals[base]) > 1 else float('nan')
+    base_curve = mean_curve(list(arms[base].values()))
+    base_tokens = tokens_to_reach(base_curve, base_mean)  # where the baseline reaches its own final loss
+    table = {}
+    for a, f in finals.items():
+        reach = tokens_to_reach(mean_curve(list(arms[a].values())), base_mean)
+        table[a] = dict(seeds=len(f), final_loss=float(f.mean()), final_loss_std=float(f.std(ddof=1)) if len(f) > 1 else None,
+                        ppl=math.exp(f.mean()), ppl_change_pct=100 * (math.exp(f.mean() - base_mean) - 1),
+                        gap_in_baseline_stds=float((f.mean() - base_mean) / base_std) if base_std > 0 else None,
+                        tokens_to_baseline_final=reach, speedup=base_tokens / reach if reach else None,
+                        runs={d: c[-1][1] for d, c in arms[a].items()})
+    print(f"{'arm':<16} {'seeds':>5} {'final val loss':>17} {'ppl':>8} {'vs ' + base:>12} {'gap/sd':>7} {'speed-up':>9}")
+    for a, r in table.items():
+        sd = f" +- {r['final_loss_std']:.4f}" if r['final_loss_std'] is not None else ' ' * 9
+        gap = f"{r['gap_in_baseline_stds']:+7.1f}" if r['gap_in_baseline_stds'] is not None else '      -'
+        speed = f"{r['speedup']:8.2f}x" if r['speedup'] else ' not reached'
+        print(f"{a:<16} {r['seeds']:>5} {r['final_loss']:8.4f}{sd} {r['ppl']:8.3f} {r['ppl_change_pct']:+11.2f}% {gap} {speed}")
+    print(f"speed-up: the tokens {base} needs to reach its own final loss ({base_mean:.4f}), over the tokens an arm "
+          f"needs (mean curves over seeds, linear between evaluations); gap/sd: in {base}'s seed standard deviations")
+    if png:
+        try:
+            import matplotlib
+            matplotlib.use('Agg')
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("no matplotlib: the plot is skipped (pip install matplotlib); the table and JSON are whole")
+        else:
+            fig, ax = plt.subplots(figsize=(8, 5))
+            for k, (a, runs_) in enumerate(arms.items()):
+                for j, c in enumerate(runs_.values()):
+                    ax.plot(*zip(*c), color=f"C{k}", alpha=0.8, lw=1.2, label=a if j == 0 else None)
+            ax.set(xlabel='tokens', ylabel='validation loss (nats per token)', title=f"validation loss; baseline {base}")
+            ax.legend()
+            atomic_write(png, lambda tmp: fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight'))
+            print(f"wrote {png}")
+    return dict(scores={f"{a} final loss": r['final_loss'] for a, r in table.items()}, arms=table, baseline=base)
+
+
 def main(argv):
     global device, dtype, out
     overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, {'style': ['paper', 'harness']}, 'eval.py')
@@ -469,10 +582,12 @@ def main(argv):
     dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
     out = out or f'eval-{task}.json'
     torch.manual_seed(seed)
-    model, path = (None, None) if task == 'humaneval' and samples else load_model()
+    model, path = (None, None) if task == 'compare' or (task == 'humaneval' and samples) else load_model()
     t0 = time.time()
-    result = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl}[task](model)
-    result = result if task != 'ppl' else dict(scores={f"{k} ppl": v['ppl'] for k, v in result.items()}, datasets=result)
+    result = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl,
+              'compare': eval_compare}[task](model)
+    if task == 'ppl':
+        result = dict(scores={f"{k} {m}": v[m] for k, v in result.items() for m in ('ppl', 'bits_per_byte')}, datasets=result)
     result.update(task=task, checkpoint=path, seed=seed, seconds=time.time() - t0,
                   config={k: globals()[k] for k in config_keys})
     print(f"\n{task}" + (f" ({path})" if path else ''))

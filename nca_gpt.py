@@ -53,6 +53,8 @@ gzip_frames = 10        # frames after burn-in that the filter compresses
 num_rules = 16000       # training rules per epoch (--stage show: candidate rules to analyse)
 num_val_rules = 2000    # held-out rules, never trained on
 rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run (the authors' code)
+nca_loss = 'patches'    # patches: START/END out of the loss | all: START/END predicted too (the authors' code)
+nca_shuffle = False     # control: permute each sequence's patch tokens (same tokens, no dynamics to learn)
 # data: Dyck control
 dyck_k = 64             # bracket types: vocabulary 2 * dyck_k
 dyck_depth = 16         # maximum nesting depth
@@ -79,7 +81,8 @@ epochs = 0.0            # if > 0, train this many passes over the data instead (
 learning_rate = 1e-4    # peak
 min_lr = 0.0            # floor of the cosine
 warmup_iters = 5000     # linear warm-up
-lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters); the paper's NCA run stops at peak lr
+lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters)
+stop_at_peak = False    # the paper's stage 1: warm up over the whole run and stop at the peak lr (no decay)
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.999           # torch's Adam default, as the paper's code (nanoGPT: 0.95, which the small presets use)
@@ -90,6 +93,8 @@ dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, f
 compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
 # --stage show
 json = ''               # also write the statistics to this path
+ckpt = ''               # an NCA checkpoint: draw its predictions of held-out rules beside the true frames
+png = ''                # with ckpt: also write that picture to this PNG file
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 
 # Presets set many values at once: defaults < preset ('all', then the stage's) < the command line.
@@ -116,7 +121,7 @@ PRESETS = {
                           lr_decay_iters=0)},
 }
 CHOICES = {'stage': ['show', 'nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
-           'dtype': ['', 'float32', 'bfloat16', 'float16']}
+           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all']}
 # -----------------------------------------------------------------------------
 
 # =============================================================================
@@ -127,7 +132,7 @@ CHOICES = {'stage': ['show', 'nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny',
 # batch size, the number of GPUs, the device, or where a resumed run picks up.
 
 MASK32 = 0xFFFFFFFF
-RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE = 1, 2, 3, 4, 5, 6, 7, 8  # streams: what the numbers are for
+RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE = 1, 2, 3, 4, 5, 6, 7, 8, 9  # streams: what they are for
 SPLITS = {'train': 0, 'val': 1}
 
 
@@ -363,11 +368,17 @@ def nca_batch(split, index, batch_size):
         rule_set = get_rule_set(split, e // rule_resample if rule_resample else 0, count)
         order = uniform(make_key(seed, SPLITS[split], ORDER, torch.tensor([e], device=device)), count)[0].argsort()
         rules.append(rule_set[order[i[epoch == e] % count]])
-    seq = nca_sequences(torch.cat(rules), make_key(seed, SPLITS[split], SEQUENCES, i))
+    keys = make_key(seed, SPLITS[split], SEQUENCES, i)
+    seq = nca_sequences(torch.cat(rules), keys)                          # (B, block_size + 1)
+    if nca_shuffle:  # the same patch tokens in a random order within the sequence; START/END stay in place
+        is_patch = seq[0] < n_states ** (patch * patch)                   # the same places in every sequence
+        order = uniform(make_key(keys, SHUFFLE), int(is_patch.sum())).argsort(-1)
+        seq[:, is_patch] = seq[:, is_patch].gather(1, order)
     x, y = seq[:, :-1], seq[:, 1:].clone()
     y[:, :frame_len() - 1] = -1          # the first frame is context: the rule is inferred from it
-    y[y >= n_states ** (patch * patch)] = -1  # START/END sit at fixed places: nothing to learn (the
-    return x, y                               # authors' code meant to mask them but did not)
+    if nca_loss == 'patches':                 # START/END sit at fixed places: nothing to learn (the
+        y[y >= n_states ** (patch * patch)] = -1  # authors' code meant to mask them but did not)
+    return x, y
 
 
 @torch.no_grad()
@@ -393,6 +404,7 @@ def dyck_batch(split, index, batch_size):
 
 # --- language data: what prepare_data.py wrote ---------------------------------
 EOT = 50256  # GPT-2's <|endoftext|>; tiktoken's r50k_base has the same ids as gpt2
+vocab = None  # set by train(): what the token ids of this run mean (stage_vocab)
 
 
 @functools.lru_cache(maxsize=8)
@@ -428,22 +440,21 @@ _sft_cache = {}
 def sft_examples(split):
     """prompt/answer pairs -> list of (tokens, prompt length); the answer ends with EOT."""
     path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
-    if path not in _sft_cache:
+    kind = (vocab or stage_vocab())['kind']
+    if (path, kind) not in _sft_cache:
         if not os.path.exists(path):
             die(f"no {path}: run `python prepare_data.py {dataset}` first")
-        enc = gpt2_encoding()
+        encode, _, eot = text_codec(kind)
         rows = [jsonlib.loads(line) for line in open(path) if line.strip()]
-        _sft_cache[path] = [(p + a + [EOT], len(p)) for p, a in
-                            zip(enc.encode_ordinary_batch([r['prompt'] for r in rows]),
-                                enc.encode_ordinary_batch([r['answer'] for r in rows]))]
-    return _sft_cache[path]
+        _sft_cache[path, kind] = [(encode(r['prompt']) + encode(r['answer']) + [eot], len(encode(r['prompt']))) for r in rows]
+    return _sft_cache[path, kind]
 
 
 def sft_batch(split, index, batch_size):
     """Fine-tuning batches: X, Y (B, block_size), loss on the answer only. Each epoch visits every example
     once, in an order hashed from (seed, epoch)."""
     examples = sft_examples(split)
-    x = torch.full((batch_size, block_size), EOT, dtype=torch.long)
+    x = torch.zeros((batch_size, block_size), dtype=torch.long)  # padding: after the answer, never a target
     y = torch.full((batch_size, block_size), -1, dtype=torch.long)
     orders = {}  # epoch -> its order of the examples
     for b, i in enumerate(sequence_ids(index, batch_size).tolist()):
@@ -462,6 +473,15 @@ def gpt2_encoding():
     return tiktoken.get_encoding('r50k_base')  # GPT-2's ranks; needs one file, cached (TIKTOKEN_CACHE_DIR)
 
 
+def text_codec(kind):
+    """A language vocabulary ('gpt2' or 'bytes') -> encode (str -> ids), decode (ids -> str), end-of-text id."""
+    if kind == 'bytes':  # UTF-8 bytes; 256 ends a document
+        return (lambda text: list(text.encode('utf-8')),
+                lambda ids: bytes(i for i in ids if i < 256).decode('utf-8', errors='replace'), 256)
+    enc = gpt2_encoding()
+    return enc.encode_ordinary, enc.decode, EOT
+
+
 def get_batch(split, index):
     return {'nca': nca_batch, 'dyck': dyck_batch, 'lm': lm_batch, 'sft': sft_batch}[stage](split, index, batch_size)
 
@@ -472,7 +492,10 @@ def stage_vocab():
         return dict(kind='nca', size=n_states ** (patch * patch) + 2, n_states=n_states, patch=patch, grid=grid)
     if stage == 'dyck':
         return dict(kind='dyck', size=2 * dyck_k)
-    return dict(kind='gpt2', size=50257)
+    if stage == 'lm':  # what prepare_data.py wrote: GPT-2 tokens or bytes
+        meta = dataset_meta(dataset)
+        return dict(kind=meta.get('tokenizer', 'gpt2'), size=meta.get('vocab_size', 50257))
+    return dict(kind='gpt2', size=50257)  # sft from scratch (from a checkpoint it keeps the checkpoint's)
 
 
 # =============================================================================
@@ -646,26 +669,30 @@ def evaluate(model, ctx):
     """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the
     in-context signal: later frames should be easier once the rule is inferred."""
     model.eval()
-    losses, frame_sum, frame_count, correct, total = [], 0, 0, 0, 0
+    losses, frame_sum, frame_count, correct, copied, total = [], 0, 0, 0, 0, 0
     for k in range(eval_iters):
         x, y = get_batch('val', k)
         with ctx:
             logits, loss = model(x, y)
         losses.append(loss.item())
         if stage == 'nca':
-            mask = y != -1
+            mask = (y != -1) & (y < n_states ** (patch * patch))  # the patch tokens of frames 1, 2, ...
             token_loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')  # (B, T)
             frame = (torch.arange(y.size(1), device=y.device) + 1) // frame_len()  # (T,) the frame of each target
             by_frame = lambda v: torch.zeros(frame[-1] + 1, device=v.device).index_add(0, frame, v)  # noqa: E731
-            frame_sum = frame_sum + by_frame(token_loss.sum(0))
+            frame_sum = frame_sum + by_frame((token_loss * mask).sum(0))
             frame_count = frame_count + by_frame(mask.sum(0).float())
             correct += ((logits.argmax(-1) == y) & mask).sum().item()
+            # the copy baseline: each patch predicted as the token at its place one frame earlier
+            L = frame_len()
+            copied += ((x[:, :x.size(1) - L + 1] == y[:, L - 1:]) & mask[:, L - 1:]).sum().item()
             total += mask.sum().item()
     model.train()
     out = dict(val_loss=float(np.mean(losses)))
     if stage == 'nca':
-        out['frame_loss'] = [round(v, 4) for v in (frame_sum / frame_count)[frame_count > 0].tolist()]  # frames 1, 2, ...
-        out['next_frame_acc'] = correct / total
+        whole = (block_size + 1) // frame_len()  # frames 1 .. whole-1 fit whole in a sequence
+        out['frame_loss'] = [round(v, 4) for v in (frame_sum / frame_count)[1:whole].tolist()]  # frames 1, 2, ...
+        out['next_frame_acc'], out['copy_frame_acc'] = correct / total, copied / total
     return out
 
 
@@ -682,7 +709,7 @@ def apply_preset(overrides):
 
 
 def train():
-    global device, dtype, out_dir, max_iters, lr_decay_iters
+    global device, dtype, out_dir, max_iters, lr_decay_iters, warmup_iters, vocab
     # distributed: torchrun sets RANK; one process per GPU (or several on a CPU with gloo)
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
@@ -704,6 +731,17 @@ def train():
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    # what the token ids mean: fine-tuning keeps its model's vocabulary, the other stages have their own
+    iter_num, best_val_loss, checkpoint, source = 0, float('inf'), None, None
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'resume':
+        checkpoint = load_checkpoint(ckpt_path)
+        if checkpoint['stage'] != stage:
+            die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with that stage")
+    elif init_from != 'scratch':
+        source = load_checkpoint(os.path.join(init_from, 'ckpt.pt') if os.path.isdir(init_from) else init_from)
+    vocab = checkpoint['vocab'] if checkpoint else source['vocab'] if source and stage == 'sft' else stage_vocab()
+
     # the run's length: updates, or a token budget, or passes over the data
     if max_tokens:
         max_iters = -(-max_tokens // tokens_per_iter())
@@ -713,24 +751,19 @@ def train():
         n_examples = num_rules if stage == 'nca' else len(sft_examples('train'))
         max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
     lr_decay_iters = lr_decay_iters or max_iters
+    if stop_at_peak:
+        warmup_iters = lr_decay_iters = max_iters
 
     # model: from scratch, resumed, or transferred from another stage's checkpoint
-    vocab = stage_vocab()
     vocab_size = -(-vocab['size'] // 64) * 64  # padded to a multiple of 64: faster matmuls, the rest unused
     model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                       dropout=dropout)
-    iter_num, best_val_loss, checkpoint = 0, float('inf'), None
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from == 'resume':
-        checkpoint = load_checkpoint(ckpt_path)
-        if checkpoint['stage'] != stage:
-            die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with that stage")
+    if checkpoint:
         model_args, iter_num, best_val_loss = checkpoint['model_args'], checkpoint['iter_num'], checkpoint['best_val_loss']
     model = GPT(**model_args)
-    if init_from == 'resume':
+    if checkpoint:
         model.load_state_dict(checkpoint['model'])
-    elif init_from != 'scratch':
-        source = load_checkpoint(os.path.join(init_from, 'ckpt.pt') if os.path.isdir(init_from) else init_from)
+    elif source:
         keep = keep_embeddings or stage == 'sft'  # fine-tuning continues the whole model
         transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep)
         if master:
@@ -796,10 +829,11 @@ def train():
                 if stage == 'nca':
                     fl = stats['frame_loss']
                     extra = (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
-                             f" | next-frame acc {stats['next_frame_acc']:.1%}")
+                             f" | next-frame acc {stats['next_frame_acc']:.1%} (copying the last frame: "
+                             f"{stats['copy_frame_acc']:.1%})")
                 ppl = math.exp(min(stats['val_loss'], 50))
                 print(f"step {iter_num}: val loss {stats['val_loss']:.4f} (ppl {ppl:.2f}){extra}")
-                log_write(log, dict(step=iter_num, **stats))
+                log_write(log, dict(step=iter_num, tokens=iter_num * tokens_per_iter(), **stats))
             save(iter_num)
         if iter_num >= max_iters:
             break
@@ -883,13 +917,85 @@ def peak_flops_per_s(device):
 PALETTE = [196, 46, 21, 226, 201, 51, 255, 130, 240, 208]  # xterm-256 colours, one per state
 
 
-def draw_frames(frames, color):
-    """frames (T, S, S) -> lines of text: frames side by side, two characters per cell."""
-    def cell(v):
+def draw_frames(frames, color, wrong=None):
+    """frames (T, S, S) -> lines of text: frames side by side, two characters per cell; cells where `wrong`
+    (T, S, S) is set are marked with a '*'."""
+    wrong = torch.zeros_like(frames, dtype=torch.bool) if wrong is None else wrong
+
+    def cell(v, bad):
         if color and v < len(PALETTE):
-            return f"\x1b[48;5;{PALETTE[v]}m  \x1b[0m"
-        return f"{v:x} " if v < 16 else f"{v:<2}"
-    return ['   '.join(''.join(cell(v) for v in row) for row in rows) for rows in frames.transpose(0, 1).tolist()]
+            return f"\x1b[48;5;{PALETTE[v]}m{'><' if bad else '  '}\x1b[0m"
+        return (f"{v:x}" if v < 16 else f"{v}") + ('*' if bad else ' ')
+    return ['   '.join(''.join(cell(v, b) for v, b in zip(row, bad)) for row, bad in zip(rows, bads))
+            for rows, bads in zip(frames.transpose(0, 1).tolist(), wrong.transpose(0, 1).tolist())]
+
+
+def xterm_rgb(c):
+    """An xterm-256 colour (16-255) -> (r, g, b): the 6x6x6 cube, then the greys."""
+    if c >= 232:
+        return (8 + 10 * (c - 232),) * 3
+    return tuple(0 if v == 0 else 55 + 40 * v for v in ((c - 16) // 36, (c - 16) // 6 % 6, (c - 16) % 6))
+
+
+def write_png(path, image):
+    """image (H, W, 3) uint8 -> a PNG file, with zlib alone (no imaging library needed)."""
+    import struct
+    import zlib
+    chunk = lambda kind, data: (struct.pack('>I', len(data)) + kind + data  # noqa: E731
+                                + struct.pack('>I', zlib.crc32(kind + data)))
+    H, W, _ = image.shape
+    rows = b''.join(b'\x00' + image[y].tobytes() for y in range(H))  # filter type 0 per row
+    data = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', W, H, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
+    atomic_write(path, lambda tmp: open(tmp, 'wb').write(data))
+
+
+@torch.no_grad()
+def watch(path, n_rules=3, n_cols=5):
+    """--stage show --ckpt: the model reads a held-out rule's trajectory and predicts each patch from all the
+    tokens before it (teacher forcing, argmax). Drawn: the true frames, then the predicted ones with the
+    wrong cells marked; per frame the patch accuracy, and that of copying the previous frame."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint['stage'] != 'nca':
+        die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: --ckpt draws the predictions of an nca one")
+    globals().update({k: checkpoint['config'][k] for k in ('seed', 'grid', 'n_states', 'patch', 'temperature',
+                      'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper', 'gzip_frames', 'num_val_rules',
+                      'block_size')})  # the data the model was trained on
+    model = GPT(**checkpoint['model_args'])
+    model.load_state_dict(checkpoint['model'])
+    model.to(device).eval()
+    x, _ = nca_batch('val', 0, n_rules)                                  # (R, T): held-out rules
+    L, V = frame_len(), n_states ** (patch * patch)
+    n = x.size(1) // L                                                    # whole frames in the context
+    logits, _ = model(x)
+    pred = x.clone()
+    pred[:, 1:] = torch.where(x[:, 1:] < V, logits[:, :-1, :V].argmax(-1), x[:, 1:])  # patches predicted
+    true_f, pred_f = (detokenize(t[:, :n * L], n_states, patch, grid) for t in (x, pred))  # (R, n, S, S)
+    patches = lambda t: t[:, :n * L].view(-1, n, L)[..., 1:-1]  # noqa: E731   (R, n, patches per frame)
+    acc = (patches(pred) == patches(x)).float().mean(-1)                  # (R, n)
+    copy = (patches(x)[:, :-1] == patches(x)[:, 1:]).float().mean(-1)     # (R, n - 1): frame f from f - 1
+    cols = sorted({1, 2, 3, max(1, n // 2), n - 1}) if n > 5 else list(range(1, n))
+    color = sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
+    print(f"{path}: step {checkpoint['iter_num']}; {n_rules} held-out rules, frames {', '.join(map(str, cols))} of "
+          f"{n - 1} predicted ({'><' if color else '*'} = a wrong cell; accuracy over patches, copy = the previous frame's)")
+    for r in range(n_rules):
+        print(f"\nrule {r}: true frames\n" + '\n'.join(draw_frames(true_f[r, cols], color)))
+        print("model's prediction\n" + '\n'.join(draw_frames(pred_f[r, cols], color, pred_f[r, cols] != true_f[r, cols])))
+        print('   '.join(f"{acc[r, c]:>4.0%} copy {copy[r, c - 1]:>4.0%}".ljust(2 * grid) for c in cols))
+    print(f"\nover these rules, patch accuracy by frame: {' '.join(f'{v:.0%}' for v in acc[:, 1:].mean(0).tolist())}; "
+          f"copying: {' '.join(f'{v:.0%}' for v in copy.mean(0).tolist())}")
+    if png:  # rows: per rule, true then predicted (wrong cells crossed in black); 8 pixels a cell
+        rgb = torch.tensor([xterm_rgb(c) for c in PALETTE], dtype=torch.uint8)
+        tiles = torch.stack([true_f[:, cols], pred_f[:, cols]], 1)       # (R, 2, C, S, S)
+        img = rgb[tiles.clamp_max(len(PALETTE) - 1).cpu()]               # (R, 2, C, S, S, 3)
+        img = img.repeat_interleave(8, 3).repeat_interleave(8, 4)         # (R, 2, C, 8S, 8S, 3)
+        dot = torch.zeros(8, 8, dtype=torch.bool)
+        dot[2:6, 2:6] = True                                              # a black dot marks a wrong cell
+        bad = (tiles[:, 1] != tiles[:, 0]).cpu().repeat_interleave(8, 2).repeat_interleave(8, 3) & dot.repeat(grid, grid)
+        img[:, 1][bad] = 0
+        img = F.pad(img.permute(0, 1, 2, 5, 3, 4), (4, 4, 4, 4), value=255).permute(0, 1, 4, 2, 5, 3)  # (R, 2, H, C, W, 3)
+        write_png(png, img.reshape(n_rules * 2 * (8 * grid + 8), len(cols) * (8 * grid + 8), 3).numpy())
+        print(f"wrote {png}")
 
 
 def zipf_stats(tokens):
@@ -902,6 +1008,8 @@ def zipf_stats(tokens):
 
 
 def show():
+    if ckpt:
+        return watch(ckpt)
     t0 = time.time()
     keys, rules = candidate_rules('train', 0, 0, num_rules)
     ratios = torch.cat([rule_complexity(rules[i:i + 2048], keys[i:i + 2048]) for i in range(0, num_rules, 2048)])

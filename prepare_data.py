@@ -5,10 +5,13 @@ Fetch and tokenise the corpora and benchmarks of the paper, with plain HTTPS (re
     python prepare_data.py c4 --max_tokens=164000000        # the paper's C4 budget
     python prepare_data.py codeparrot openwebmath           # code, math (openwebmath needs pyarrow)
     python prepare_data.py gsm8k humaneval bbl              # benchmarks, and the sft pairs of gsm8k and bbl
-    python prepare_data.py mytext --source=path             # your own: a folder of .txt files, or .jsonl / .json.gz
+    python prepare_data.py mytext --source=path             # your own: a folder of text files, or .jsonl / .json.gz
+    python prepare_data.py pystdlib --tokenizer=bytes       # no download: this Python's standard library, as bytes
 
-A corpus becomes data/NAME/train.bin and val.bin: uint16 GPT-2 token ids (tiktoken's r50k_base = gpt2), one
-<|endoftext|> after each document, documents split into train and val by a seeded hash. data/NAME/meta.json is
+A corpus becomes data/NAME/train.bin and val.bin: uint16 token ids, one end-of-document token after each
+document, documents split into train and val by a seeded hash. The tokenizer is GPT-2's (tiktoken's r50k_base =
+gpt2; <|endoftext|> = 50256) or, with --tokenizer=bytes, the document's UTF-8 bytes (0-255; 256 ends a
+document): a 257-token vocabulary that makes the language stage fast enough to try on a CPU. data/NAME/meta.json is
 written last, so its presence means complete: the tokenizer, dtype and token counts that nca_gpt.py checks,
 every file fetched (address, size, sha256), document counts, and the corpus's gzip ratio in the NCA filter's
 convention, the number to match the NCA complexity band to.
@@ -27,6 +30,7 @@ import os
 import re
 import shutil
 import sys
+import sysconfig
 import tarfile
 import time
 
@@ -37,10 +41,13 @@ from nca_gpt import EOT, atomic_write, die as _die, gpt2_encoding, gzip_ratio, m
 # -----------------------------------------------------------------------------
 # config
 data_dir = 'data'
-source = ''             # a local corpus: a folder of .txt files, or a .jsonl / .json.gz file with `text_field`
+tokenizer = 'gpt2'      # gpt2 | bytes (UTF-8 bytes, 256 = end of document)
+source = ''             # a local corpus: a folder of text files, or a .jsonl / .json.gz file with `text_field`
 text_field = 'text'
+extensions = '.txt,.md,.rst,.py,.c,.h,.js,.html,.tex,.json'  # the files of a --source folder that are read
 max_tokens = 0          # stop after this many training tokens (0 = all)
-val_fraction = 0.001    # share of documents in val (nanoGPT: 0.0005 of OpenWebText)
+val_fraction = 0.0      # share of documents in val (0: 0.001 for the downloaded corpora, nanoGPT's 0.0005 of
+                        # OpenWebText; 0.05 for pystdlib and --source, small corpora)
 seed = 1337             # of the train/val split
 workers = os.cpu_count()  # tiktoken threads
 hf_base = os.environ.get('NCA_HF_BASE', 'https://huggingface.co')
@@ -179,11 +186,26 @@ def read_parquet(path, field):
         yield from batch.column(0).to_pylist()
 
 
-def read_folder(path):
-    for root, _, files in sorted(os.walk(path)):
+def read_folder(path, wanted, skip=()):
+    """The files under a folder whose names end with one of `wanted`, in a fixed order; says how many of each
+    kind it read and skipped. skip: folder names not to enter."""
+    read, skipped, wanted = {}, {}, tuple(e.strip() for e in wanted)
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d not in skip)
         for name in sorted(files):
-            if name.endswith('.txt'):
+            kind = os.path.splitext(name)[1] or name
+            if name.endswith(wanted):
+                read[kind] = read.get(kind, 0) + 1
+                _files_read.append(os.path.join(root, name))
                 yield open(os.path.join(root, name), encoding='utf-8', errors='replace').read()
+            else:
+                skipped[kind] = skipped.get(kind, 0) + 1
+    top = lambda counts: ', '.join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])[:6]) or 'none'  # noqa: E731
+    print(f"\n  {path}: read {sum(read.values())} files ({top(read)}); skipped {sum(skipped.values())} ({top(skipped)};"
+          f" --extensions chooses)")
+
+
+_files_read = []  # from local folders, for meta.json
 
 
 # =============================================================================
@@ -198,10 +220,13 @@ def corpus_shards(name):
         if not os.path.exists(path):
             die(f"--source={source} does not exist")
         if os.path.isdir(path):
-            return [(None, path, None, None)], read_folder
+            return [(None, path, None, None)], lambda p: read_folder(p, extensions.split(','))
         if not path.endswith(('.jsonl', '.json.gz', '.jsonl.gz')):
-            die(f"--source={source}: give a folder of .txt files or a .jsonl / .json.gz file")
+            die(f"--source={source}: give a folder of text files or a .jsonl / .json.gz file")
         return [(None, path, None, None)], lambda p: read_jsonl(p, text_field)
+    if name == 'pystdlib':  # the .py files of the running Python's standard library: a code corpus on every machine
+        return [(None, sysconfig.get_paths()['stdlib'], None, None)], \
+            lambda p: read_folder(p, ('.py',), skip=('site-packages', 'dist-packages', '__pycache__'))
     if name == 'openwebtext':
         urls = [f"{hf}/Skylion007/openwebtext/resolve/main/subsets/urlsf_subset{i:02d}.tar" for i in range(21)]
         return [(u, os.path.join(raw, os.path.basename(u)), None, None) for u in urls], read_openwebtext_tar
@@ -231,13 +256,18 @@ def tokenize_shard(name, i, docs, budget, progress):
     os.makedirs(folder, exist_ok=True)
     paths = {s: os.path.join(folder, f'{i:05d}.{s}.bin') for s in ('train', 'val')}
     files = {s: open(p + '.part', 'wb') for s, p in paths.items()}
-    counts, n_docs, n_bytes, enc, batch = {'train': 0, 'val': 0}, 0, 0, gpt2_encoding(), []
+    counts, n_docs, n_bytes, batch = {'train': 0, 'val': 0}, 0, 0, []
+    eot = 256 if tokenizer == 'bytes' else EOT
 
     def flush():
         nonlocal n_docs, n_bytes
-        for tokens in enc.encode_ordinary_batch(batch, num_threads=workers):
+        if tokenizer == 'bytes':
+            encoded = [np.frombuffer(d.encode('utf-8', errors='replace'), dtype=np.uint8) for d in batch]
+        else:
+            encoded = gpt2_encoding().encode_ordinary_batch(batch, num_threads=workers)
+        for tokens in encoded:
             split = 'val' if in_val(i, n_docs) else 'train'
-            np.array(tokens + [EOT], dtype=np.uint16).tofile(files[split])
+            np.append(np.asarray(tokens, dtype=np.uint16), np.uint16(eot)).tofile(files[split])
             counts[split] += len(tokens) + 1
             n_docs += 1
         n_bytes += sum(len(d) for d in batch)
@@ -264,14 +294,23 @@ def tokenize_shard(name, i, docs, budget, progress):
     for p in paths.values():
         os.replace(p + '.part', p)
     record = dict(shard=i, documents=n_docs, train_tokens=counts['train'], val_tokens=counts['val'],
-                  complete=not (budget and counts['train'] >= budget))
+                  complete=not (budget and counts['train'] >= budget), options=shard_options())
     atomic_write(os.path.join(folder, f'{i:05d}.json'), lambda tmp: json.dump(record, open(tmp, 'w')))
     return record
+
+
+def shard_options():
+    """What a shard's tokens depend on: a shard tokenised with other options is done again, not reused."""
+    return dict(tokenizer=tokenizer, seed=seed, val_fraction=val_fraction, source=source, extensions=extensions)
 
 
 def prepare_corpus(name):
     meta_path = os.path.join(data_dir, name, 'meta.json')
     if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta.get('tokenizer', 'gpt2') != tokenizer:
+            die(f"{meta_path} holds {meta.get('tokenizer', 'gpt2')} tokens, not {tokenizer}: choose another name "
+                f"for the {tokenizer} version (e.g. {name}-{tokenizer}) or delete {os.path.dirname(meta_path)}/")
         print(f"{name}: already prepared ({meta_path}); delete it to prepare again")
         return
     shards, reader = corpus_shards(name)
@@ -280,7 +319,8 @@ def prepare_corpus(name):
         budget = max_tokens - sum(r['train_tokens'] for r in done) if max_tokens else 0
         marker = os.path.join(data_dir, name, 'tokens', f'{i:05d}.json')
         record = json.load(open(marker)) if os.path.exists(marker) else None
-        if record is None or (not record['complete'] and (not budget or record['train_tokens'] < budget)):
+        if record is None or record.get('options') != shard_options() or \
+                (not record['complete'] and (not budget or record['train_tokens'] < budget)):
             if url:
                 print(f"{name}: shard {i + 1}/{len(shards)} {url}")
                 download(url, path, size, sha)
@@ -307,14 +347,20 @@ def prepare_corpus(name):
                                 sha256=sha or file_sha256(path)))
         if max_tokens and sum(r['train_tokens'] for r in done) >= max_tokens:
             break
-    meta = dict(tokenizer='gpt2', dtype='uint16', vocab_size=50257, eot=EOT, seed=seed, val_fraction=val_fraction,
-                max_tokens=max_tokens, source=source or None, documents=sum(r['documents'] for r in done),
-                fetched=fetched)
+    meta = dict(tokenizer=tokenizer, dtype='uint16', vocab_size=257 if tokenizer == 'bytes' else 50257,
+                eot=256 if tokenizer == 'bytes' else EOT, seed=seed, val_fraction=val_fraction, max_tokens=max_tokens,
+                source=source or None, documents=sum(r['documents'] for r in done), fetched=fetched)
+    if name == 'pystdlib' and not source:
+        meta.update(python=sys.version.split()[0], files=len(_files_read), source=shards[0][1])
     for split in ('train', 'val'):
         out = os.path.join(data_dir, name, f'{split}.bin')
         n = sum(r[f'{split}_tokens'] for r in done)
-        if n == 0:
-            die(f"{name}: no {split} tokens ({meta['documents']} documents; raise --val_fraction for a small corpus)")
+        if n == 0:  # nothing of this run is kept: a rerun with other options starts afresh
+            shutil.rmtree(os.path.join(data_dir, name, 'tokens'), ignore_errors=True)
+            advice = (f"raise --val_fraction (now {val_fraction})" if meta['documents'] > 1 else
+                      "give a folder or file that holds documents" + (f" of the kinds --extensions={extensions}"
+                                                                       if source and os.path.isdir(source) else ''))
+            die(f"{name}: no {split} tokens from {meta['documents']} documents: {advice}")
 
         def concat(tmp, split=split):
             with open(tmp, 'wb') as f:
@@ -464,15 +510,19 @@ def bbl_examples(task, fetch):
     return examples
 
 
-CORPORA = ['openwebtext', 'c4', 'codeparrot', 'openwebmath']
+CORPORA = ['openwebtext', 'c4', 'codeparrot', 'openwebmath', 'pystdlib']
 BENCHMARKS = ['gsm8k', 'humaneval', 'bbl']
 
 
 def main(argv):
-    overrides, names = parse_args(argv, {k: globals()[k] for k in config_keys}, script='prepare_data.py')
+    global val_fraction
+    overrides, names = parse_args(argv, {k: globals()[k] for k in config_keys}, {'tokenizer': ['gpt2', 'bytes']},
+                                  script='prepare_data.py')
     globals().update(overrides)
     if not names:
         die(f"name a dataset: {', '.join(CORPORA + BENCHMARKS)}, or any name with --source=PATH")
+    if not val_fraction:
+        val_fraction = 0.05 if source or names == ['pystdlib'] else 0.001
     for name in names:
         if source:
             if len(names) > 1:

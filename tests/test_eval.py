@@ -123,11 +123,16 @@ def test_sampling_stops_at_stop_strings(tiny_model):
         assert stop not in c and f.startswith(c) and (c == f or f[len(c):].startswith(stop))
 
 
-def test_perplexity_is_exp_of_the_mean_loss(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize('kind', ['gpt2', 'bytes'])
+def test_perplexity_is_exp_of_the_mean_loss_and_bits_per_byte(tiny_model, tmp_path, monkeypatch, kind):
     folder = tmp_path / 'toy'
     folder.mkdir()
-    tokens = np.random.default_rng(0).integers(0, 50257, 64 * 5 + 7).astype(np.uint16)
+    size, eot = (50257, 50256) if kind == 'gpt2' else (257, 256)
+    tokens = np.random.default_rng(0).integers(0, size, 64 * 5 + 7).astype(np.uint16)
+    tokens[::9] = eot  # documents end here and there: no bytes of text
     tokens.tofile(folder / 'val.bin')
+    (folder / 'meta.json').write_text(json.dumps(dict(tokenizer=kind, vocab_size=size)))
+    monkeypatch.setattr(ev, 'vocab', dict(kind=kind, size=size))
     monkeypatch.setattr(ev, 'data_dir', str(tmp_path))
     monkeypatch.setattr(ev, 'datasets', 'toy')
     monkeypatch.setattr(ev, 'max_tokens', 0)
@@ -137,6 +142,17 @@ def test_perplexity_is_exp_of_the_mean_loss(tiny_model, tmp_path, monkeypatch):
         losses = [tiny_model(t[w * 64:w * 64 + 64][None], t[w * 64 + 1:w * 64 + 65][None])[1] for w in range(5)]
     assert result['tokens'] == 5 * 64
     assert result['ppl'] == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+    targets = tokens[1:5 * 64 + 1]
+    if kind == 'bytes':
+        n_bytes = int((targets != eot).sum())
+    else:  # the UTF-8 length of what each GPT-2 token decodes to
+        enc = nca_gpt.gpt2_encoding()
+        n_bytes = sum(len(enc.decode_single_token_bytes(int(i))) for i in targets if i != eot)
+    assert result['bytes'] == n_bytes
+    assert result['bits_per_byte'] == pytest.approx(result['loss'] * result['tokens'] / math.log(2) / n_bytes, rel=1e-6)
+    monkeypatch.setattr(ev, 'vocab', dict(kind='gpt2', size=50257) if kind == 'bytes' else dict(kind='bytes', size=257))
+    with pytest.raises(SystemExit, match='prepare the corpus with --tokenizer='):  # a model never reads the wrong ids
+        ev.eval_ppl(tiny_model)
 
 
 @pytest.fixture
@@ -198,3 +214,39 @@ def test_padding_ids_are_never_sampled(tiny_model):
     for temp in (0.0, 1.0):
         outs = ev.sample(tiny_model, prompt, 3, 6, temp, 1.0, 0, [], seed_base=0)
         assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
+
+
+def write_log(folder, curve):
+    folder.mkdir(parents=True)
+    (folder / 'log.jsonl').write_text(''.join(json.dumps(dict(step=t // 100, tokens=t, val_loss=v)) + '\n'
+                                              + json.dumps(dict(step=t // 100, loss=v + 0.1)) + '\n' for t, v in curve))
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = [(0, 5.0), (100, 3.0), (200, 2.0), (300, 1.5)]
+    assert ev.tokens_to_reach(curve, 2.5) == 150       # halfway from 3.0 to 2.0
+    assert ev.tokens_to_reach(curve, 1.5) == 300
+    assert ev.tokens_to_reach(curve, 6.0) == 0
+    assert ev.tokens_to_reach(curve, 1.0) is None
+
+
+def test_compare_arms_over_seeds(tmp_path, monkeypatch):
+    # baseline: two seeds ending at 2.0 and 2.2 (mean 2.1, sd 0.1414); its mean curve reaches 2.1 at 400 tokens.
+    # "fast" reaches 2.1 at 200 tokens (2x) and ends at 1.9; "slow" never gets there.
+    write_log(tmp_path / 'base-s1', [(0, 5.0), (200, 3.0), (400, 2.0)])
+    write_log(tmp_path / 'base-s2', [(0, 5.0), (200, 3.2), (400, 2.2)])
+    write_log(tmp_path / 'fast-s1', [(0, 5.0), (200, 2.1), (400, 1.9)])
+    write_log(tmp_path / 'slow-s1', [(0, 5.0), (200, 4.0), (400, 3.0)])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, 'runs', 'base=base-s*,fast=fast-s*,slow=slow-s*')
+    monkeypatch.setattr(ev, 'png', '')
+    arms = ev.eval_compare(None)['arms']
+    assert arms['base']['seeds'] == 2 and arms['base']['final_loss'] == pytest.approx(2.1)
+    assert arms['base']['final_loss_std'] == pytest.approx(0.1414, abs=1e-4) and arms['base']['speedup'] == 1.0
+    assert arms['fast']['speedup'] == pytest.approx(2.0) and arms['fast']['tokens_to_baseline_final'] == pytest.approx(200)
+    assert arms['fast']['ppl_change_pct'] == pytest.approx(100 * (math.exp(-0.2) - 1))
+    assert arms['fast']['gap_in_baseline_stds'] == pytest.approx(-0.2 / 0.1414, abs=1e-3)
+    assert arms['slow']['speedup'] is None and arms['slow']['tokens_to_baseline_final'] is None
+    monkeypatch.setattr(ev, 'runs', 'base=nothing-*')
+    with pytest.raises(SystemExit, match='names no run folder'):
+        ev.eval_compare(None)

@@ -212,3 +212,24 @@ def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
     for a in range(len(seen)):
         for b in range(a):
             assert not seen[a] & seen[b], (a, b)
+
+
+def test_copy_baseline_on_a_hand_made_case(nca, monkeypatch):
+    """Three frames of four patches: copying the previous frame gets 4 of the 8 predicted patches right; a
+    model that always says patch 1 gets 2; START/END and the first frame count for neither."""
+    nca.stage, nca.grid, nca.n_states, nca.patch, nca.block_size, nca.eval_iters = 'nca', 4, 2, 2, 17, 1
+    S, E = 16, 17  # START, END: after the 2 ** 4 patch tokens
+    seq = torch.tensor([[S, 1, 2, 3, 4, E, S, 1, 2, 0, 0, E, S, 1, 5, 0, 7, E]])
+    y = seq[:, 1:].clone()
+    y[:, :5] = -1
+    y[y >= 16] = -1
+    monkeypatch.setattr(nca, 'get_batch', lambda split, k: (seq[:, :-1], y))
+
+    class SaysOne(torch.nn.Module):
+        def forward(self, x, targets):
+            logits = torch.zeros(*x.shape, 18)
+            logits[..., 1] = 1.0
+            return logits, F.cross_entropy(logits.view(-1, 18), targets.reshape(-1), ignore_index=-1)
+    stats = nca.evaluate(SaysOne(), torch.no_grad())
+    assert stats['copy_frame_acc'] == 0.5 and stats['next_frame_acc'] == 0.25
+    assert len(stats['frame_loss']) == 2  # frames 1 and 2, whole

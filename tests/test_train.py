@@ -89,6 +89,50 @@ def test_nca_then_lm_transfer_end_to_end(tmp_path, lm_data):
     assert ckpt['stage'] == 'lm' and ckpt['vocab']['kind'] == 'gpt2' and ckpt['model']['wte.weight'].shape[0] == 50304
 
 
+def test_bytes_end_to_end_prepare_nca_transfer_lm_ppl(tmp_path):
+    """A folder of .py files as bytes -> an NCA run -> the lm stage with its blocks -> eval.py ppl in bits per byte."""
+    src = tmp_path / 'src'
+    src.mkdir()
+    for i in range(40):
+        (src / f'm{i}.py').write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}  # é\n" * (i % 5 + 1))
+    (src / 'skip.bin').write_bytes(b'\x00' * 100)
+    data = tmp_path / 'data'
+    p = subprocess.run([sys.executable, 'prepare_data.py', 'code', f'--source={src}', '--tokenizer=bytes',
+                        f'--data_dir={data}'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert 'read 40 files (40 .py); skipped 1 (1 .bin' in p.stdout
+    meta = json.load(open(data / 'code' / 'meta.json'))
+    assert meta['tokenizer'] == 'bytes' and meta['vocab_size'] == 257 and meta['eot'] == 256
+    tokens = np.fromfile(data / 'code' / 'train.bin', dtype=np.uint16)
+    docs = bytes(tokens[tokens < 256].astype(np.uint8)).decode()
+    assert (tokens == 256).sum() + (np.fromfile(data / 'code' / 'val.bin', dtype=np.uint16) == 256).sum() == 40
+    assert 'return x * 3 + 3  # é' in docs
+    run(*FAST, '--stage=nca', '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "nca"}')
+    p = run(*FAST, '--stage=lm', '--dataset=code', f'--data_dir={data}', '--max_iters=30', '--eval_interval=30',
+            '--block_size=64', f'--init_from={tmp_path / "nca"}', f'--out_dir={tmp_path / "lm"}')
+    assert 'fresh for bytes' in p.stdout
+    ckpt = torch.load(tmp_path / 'lm' / 'ckpt.pt', weights_only=False)
+    assert ckpt['vocab']['kind'] == 'bytes' and ckpt['model']['wte.weight'].shape[0] == 320  # 257, padded
+    val = [r['val_loss'] for r in read_log(tmp_path / 'lm') if 'val_loss' in r]
+    assert val[-1] < val[0] - 1.0  # ln 320 = 5.8 at the start
+    out = tmp_path / 'ppl.json'
+    p = subprocess.run([sys.executable, 'eval.py', 'ppl', f'--ckpt={tmp_path / "lm"}', '--datasets=code',
+                        f'--data_dir={data}', f'--out={out}'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    result = json.load(open(out))['datasets']['code']
+    assert 'bits per byte' in p.stdout and 0 < result['bits_per_byte'] < val[-1] / np.log(2) * 1.5
+
+
+def test_pystdlib_is_prepared_offline(tmp_path):
+    p = subprocess.run([sys.executable, 'prepare_data.py', 'pystdlib', '--tokenizer=bytes', '--max_tokens=200000',
+                        f'--data_dir={tmp_path}'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    meta = json.load(open(tmp_path / 'pystdlib' / 'meta.json'))
+    assert meta['python'] == sys.version.split()[0] and meta['files'] > 500 and meta['val_tokens'] > 0
+    head = bytes(np.fromfile(tmp_path / 'pystdlib' / 'train.bin', dtype=np.uint16)[:20000].astype(np.uint8))
+    assert b'def ' in head and b'import ' in head
+
+
 def test_max_tokens_sets_the_run_length(tmp_path, lm_data):
     run(*FAST, '--stage=lm', '--dataset=toy', f'--data_dir={lm_data}', '--block_size=64', '--max_tokens=1000',
         '--eval_interval=100', f'--out_dir={tmp_path}')
