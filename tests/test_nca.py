@@ -233,3 +233,24 @@ def test_copy_baseline_on_a_hand_made_case(nca, monkeypatch):
     stats = nca.evaluate(SaysOne(), torch.no_grad())
     assert stats['copy_frame_acc'] == 0.5 and stats['next_frame_acc'] == 0.25
     assert len(stats['frame_loss']) == 2  # frames 1 and 2, whole
+
+
+def test_shuffled_control_keeps_each_sequences_tokens_and_drops_the_order(nca):
+    nca.num_rules, nca.num_val_rules, nca.block_size = 64, 16, 151
+    x, y = nca.nca_batch('train', 0, 4)
+    nca.nca_shuffle = True
+    xs, ys = nca.nca_batch('train', 0, 4)
+    assert torch.equal(xs.sort(1).values, x.sort(1).values)            # the same tokens in every sequence
+    special = x >= 10 ** 4
+    assert torch.equal(special, xs >= 10 ** 4) and torch.equal(ys == -1, y == -1)  # START/END and the mask stay
+    assert (xs != x).float().mean() > 0.5                                # the order is gone
+    assert torch.equal(nca.nca_batch('train', 0, 4)[0], xs)             # and the shuffle repeats with the seed
+
+
+def test_authors_loss_predicts_start_and_end(nca):
+    nca.num_rules, nca.num_val_rules, nca.block_size = 64, 16, 151
+    _, y = nca.nca_batch('train', 0, 2)
+    nca.nca_loss = 'all'
+    _, y_all = nca.nca_batch('train', 0, 2)
+    assert (y >= 10 ** 4).sum() == 0 and (y_all >= 10 ** 4).sum() == 2 * 2 * 3  # START, END of frames 1-3
+    assert (y_all[:, :37] == -1).all()                                    # the first frame stays context
