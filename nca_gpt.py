@@ -50,6 +50,7 @@ burn_in = 10            # steps simulated and dropped before the first frame
 gzip_lower = 0.5        # keep a rule when gzip_lower < ratio < gzip_upper: (0.5, 1.0) for web text
 gzip_upper = 1.0        #   and math, (0.3, 0.4) for code in the paper
 gzip_frames = 10        # frames after burn-in that the filter compresses
+band = ''               # 'auto': choose gzip_lower, gzip_upper from the gzip ratio of --dataset (README)
 num_rules = 16000       # training rules per epoch (--stage show: candidate rules to analyse)
 num_val_rules = 2000    # held-out rules, never trained on
 rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run (the authors' code)
@@ -126,7 +127,7 @@ PRESETS = {
                           lr_decay_iters=0)},
 }
 CHOICES = {'stage': ['show', 'nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
-           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all']}
+           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto']}
 # -----------------------------------------------------------------------------
 
 # =============================================================================
@@ -1135,10 +1136,31 @@ def pick_device():
     return 'cpu'
 
 
+def auto_band():
+    """The band from the target corpus's gzip ratio (GPT-2 ids, 360-token windows, as prepare_data.py measures):
+    its median rounded to 0.1 is the band's lower end; 0.5 and up take the paper's (0.5, 1.0). Fitted to the
+    paper's two data points: web text (English prose here: 0.47-0.49) -> 0.5+, code (0.29) -> (0.3, 0.4)."""
+    global gzip_lower, gzip_upper
+    if n_states != 10:
+        die(f"--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
+    meta = dataset_meta(dataset)
+    measured = meta.get('gzip_ratio') or {}
+    if 'median' not in measured or (meta.get('tokenizer', 'gpt2') != 'gpt2' and measured.get('tokens') != 'gpt2'):
+        die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it again online "
+            f"(tiktoken fetches GPT-2's tokenizer once), or give --gzip_lower and --gzip_upper")
+    ratio = measured['median']
+    gzip_lower = min(0.5, round(ratio, 1))
+    gzip_upper = 1.0 if gzip_lower == 0.5 else round(gzip_lower + 0.1, 1)
+    print(f"--band=auto: {dataset}'s gzip ratio is {ratio:.3f}, so rules in ({gzip_lower}, {gzip_upper}) "
+          f"(the ratio rounded to 0.1; 0.5 and up: the paper's band for web text)")
+
+
 def main(argv):
     global device
     configure(argv)
     device = device or pick_device()
+    if band == 'auto':
+        auto_band()
     if stage == 'show':
         show()
     else:

@@ -206,6 +206,7 @@ def read_folder(path, wanted, skip=()):
 
 
 _files_read = []  # from local folders, for meta.json
+SKIP = ('site-packages', 'dist-packages', '__pycache__', '.git')  # folders never read as a corpus
 
 
 # =============================================================================
@@ -220,13 +221,13 @@ def corpus_shards(name):
         if not os.path.exists(path):
             die(f"--source={source} does not exist")
         if os.path.isdir(path):
-            return [(None, path, None, None)], lambda p: read_folder(p, extensions.split(','))
+            return [(None, path, None, None)], lambda p: read_folder(p, extensions.split(','), SKIP)
         if not path.endswith(('.jsonl', '.json.gz', '.jsonl.gz')):
             die(f"--source={source}: give a folder of text files or a .jsonl / .json.gz file")
         return [(None, path, None, None)], lambda p: read_jsonl(p, text_field)
     if name == 'pystdlib':  # the .py files of the running Python's standard library: a code corpus on every machine
         return [(None, sysconfig.get_paths()['stdlib'], None, None)], \
-            lambda p: read_folder(p, ('.py',), skip=('site-packages', 'dist-packages', '__pycache__'))
+            lambda p: read_folder(p, ('.py',), SKIP)
     if name == 'openwebtext':
         urls = [f"{hf}/Skylion007/openwebtext/resolve/main/subsets/urlsf_subset{i:02d}.tar" for i in range(21)]
         return [(u, os.path.join(raw, os.path.basename(u)), None, None) for u in urls], read_openwebtext_tar
@@ -373,18 +374,32 @@ def prepare_corpus(name):
     meta['gzip_ratio'] = corpus_gzip_ratio(os.path.join(data_dir, name, 'train.bin'))
     atomic_write(meta_path, lambda tmp: json.dump(meta, open(tmp, 'w'), indent=1))
     shutil.rmtree(os.path.join(data_dir, name, 'tokens'))  # per-shard tokens: only needed until meta.json exists
+    ratio = f"; gzip ratio {meta['gzip_ratio']['median']:.3f} (the NCA band to match: --band=auto)" if meta['gzip_ratio'] else ''
     print(f"{name}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens from {meta['documents']:,} "
-          f"documents; gzip ratio {meta['gzip_ratio']['median']:.3f} (the NCA band to match: see README)")
+          f"documents{ratio}")
 
 
 def corpus_gzip_ratio(path, windows=1000, length=360):
-    """The corpus's complexity in the NCA filter's convention: gzip level 9 of int32 token ids, over windows of
-    360 tokens (the filter's 10 frames x 36 patches), evenly spread through the file."""
+    """The corpus's complexity in the NCA filter's convention: gzip level 9 of int32 GPT-2 token ids, over windows
+    of 360 tokens (the filter's 10 frames x 36 patches), evenly spread through the file. A byte corpus is measured
+    on the GPT-2 tokens of its text, so that one rule (nca_gpt.py --band=auto) reads every corpus."""
     tokens = np.memmap(path, dtype=np.uint16, mode='r')
-    starts = np.linspace(0, max(len(tokens) - length, 0), min(windows, max(len(tokens) // length, 1))).astype(np.int64)
-    ratios = np.array([gzip_ratio(tokens[s:s + length].astype(np.int32)) for s in starts])
+    span = 8 * length if tokenizer == 'bytes' else length  # bytes enough for 360 GPT-2 tokens
+    try:
+        enc = gpt2_encoding()
+    except Exception as e:  # tiktoken fetches GPT-2's ranks once; offline without them there is no ratio
+        print(f"  no gzip ratio: GPT-2's tokenizer is unavailable ({type(e).__name__}); --band=auto will ask for one")
+        return None
+
+    def window(s):
+        w = tokens[s:s + span]
+        if tokenizer == 'bytes':
+            w = enc.encode_ordinary(bytes(w[w < 256].astype(np.uint8)).decode('utf-8', errors='replace'))[:length]
+        return np.asarray(w, dtype=np.int32)
+    starts = np.linspace(0, max(len(tokens) - span, 0), min(windows, max(len(tokens) // span, 1))).astype(np.int64)
+    ratios = np.array([gzip_ratio(window(s)) for s in starts])
     return dict(median=float(np.median(ratios)), p25=float(np.quantile(ratios, 0.25)),
-                p75=float(np.quantile(ratios, 0.75)), windows=len(ratios), window_tokens=length)
+                p75=float(np.quantile(ratios, 0.75)), windows=len(ratios), window_tokens=length, tokens='gpt2')
 
 
 # =============================================================================

@@ -1,8 +1,10 @@
 """Training speed: nca_gpt.py's loop against the plainest loop of the same shape (run by hand).
 
     python tests/bench_train.py [--presets=tiny,small] [--iters=30]
+    python tests/bench_train.py --lm=pystdlib,pystdlib-gpt2     # the lm stage of the tiny preset on each dataset
 
-For each preset (and compile off/on on CUDA) it runs `nca_gpt.py --stage nca` for `iters` updates and,
+For each preset (and compile off/on on CUDA) it runs `nca_gpt.py --stage nca` (or, with --lm, `--stage lm` on each
+of those prepared datasets, with the tiny preset: bytes against GPT-2 tokens) for `iters` updates and,
 in the same process, a nanoGPT-style loop written as plainly as possible around the same model and the
 same batches: get batch, forward, backward, clip, step. It prints tokens/s, MFU (on a known GPU) and the
 ratio; the target is a ratio of 1.0 or more (the loop adds nothing that costs).
@@ -50,11 +52,14 @@ def main():
     iters = int(opts.get('iters', 30))
     print(f"$ python tests/bench_train.py {' '.join(sys.argv[1:])}")
     print(f"torch {torch.__version__}, " + (torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} threads"))
-    print(f"{'preset':<7}{'compile':<9}{'loop tok/s':>12}{'plain tok/s':>13}{'ratio':>7}{'MFU':>7}")
-    for preset in presets:
+    runs = [(p, ['--stage=nca']) for p in presets]
+    if 'lm' in opts:
+        runs = [('tiny', ['--stage=lm', f'--dataset={d}']) for d in opts['lm'].split(',')]
+    print(f"{'run':<22}{'compile':<9}{'loop tok/s':>12}{'plain tok/s':>13}{'ratio':>7}{'MFU':>7}")
+    for preset, stage in runs:
         for comp in ([False, True] if cuda else [False]):
             with tempfile.TemporaryDirectory() as out:
-                nca_gpt.configure(['--stage=nca', f'--preset={preset}', f'--max_iters={iters}', f'--eval_interval={10 ** 9}',
+                nca_gpt.configure([*stage, f'--preset={preset}', f'--max_iters={iters}', f'--eval_interval={10 ** 9}',
                                    '--log_interval=1', f'--out_dir={out}', f'--compile={comp}', '--eval_iters=1'])
                 nca_gpt.device = 'cuda' if cuda else 'cpu'
                 nca_gpt.train()
@@ -63,7 +68,8 @@ def main():
                 plain, model = plain_loop(iters)
                 peak = nca_gpt.peak_flops_per_s(nca_gpt.device)
                 mfu = f"{model.flops_per_token(nca_gpt.block_size) * ours / peak:.1%}" if peak else '-'
-                print(f"{preset:<7}{str(comp):<9}{ours:>12,.0f}{plain:>13,.0f}{ours / plain:>7.2f}{mfu:>7}", flush=True)
+                name = preset + (f" {nca_gpt.dataset} ({nca_gpt.vocab['kind']})" if nca_gpt.stage == 'lm' else '')
+                print(f"{name:<22}{str(comp):<9}{ours:>12,.0f}{plain:>13,.0f}{ours / plain:>7.2f}{mfu:>7}", flush=True)
 
 
 if __name__ == '__main__':

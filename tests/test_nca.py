@@ -254,3 +254,22 @@ def test_authors_loss_predicts_start_and_end(nca):
     _, y_all = nca.nca_batch('train', 0, 2)
     assert (y >= 10 ** 4).sum() == 0 and (y_all >= 10 ** 4).sum() == 2 * 2 * 3  # START, END of frames 1-3
     assert (y_all[:, :37] == -1).all()                                    # the first frame stays context
+
+
+@pytest.mark.parametrize('meta,band', [
+    (dict(tokenizer='gpt2', gzip_ratio=dict(median=0.29)), (0.3, 0.4)),        # code: the paper's (0.3, 0.4)
+    (dict(tokenizer='gpt2', gzip_ratio=dict(median=0.48)), (0.5, 1.0)),        # prose: the paper's 0.5+
+    (dict(tokenizer='bytes', gzip_ratio=dict(median=0.21, tokens='gpt2')), (0.2, 0.3)),
+    (dict(tokenizer='bytes', gzip_ratio=dict(median=0.21)), None),             # a ratio of byte ids: refused
+])
+def test_band_auto_follows_the_corpus_gzip_ratio(nca, tmp_path, meta, band):
+    (tmp_path / 'corpus').mkdir()
+    (tmp_path / 'corpus' / 'meta.json').write_text(json.dumps(meta))
+    nca.data_dir, nca.dataset, nca.n_states = str(tmp_path), 'corpus', 10
+    nca._read_meta.cache_clear()
+    if band is None:
+        with pytest.raises(SystemExit, match='no gzip ratio of GPT-2 tokens'):
+            nca.auto_band()
+    else:
+        nca.auto_band()
+        assert (nca.gzip_lower, nca.gzip_upper) == band
