@@ -80,13 +80,15 @@ def http():
 
 def retrying(url, label, attempt):
     """attempt() until it returns; a server error or a cut connection (IOError, requests' and urllib3's errors) is
-    retried with back-off 1, 2, 4, ... s, `retries` times."""
+    retried with back-off 1, 2, 4, ... s, `retries` times; a full disk is not."""
     import requests
     import urllib3
     for i in range(retries + 1):
         try:
             return attempt()
         except (IOError, requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            if getattr(e, 'errno', None) == errno.ENOSPC:
+                die(f"the disk is full while writing {label}: free some space and rerun (the download resumes)")
             if i == retries:
                 die(f"giving up on {url} after {retries + 1} tries: {e}")
             print(f"  {label}: {e}; retrying in {2 ** i}s")
@@ -120,14 +122,9 @@ def download(url, dest, size=None, sha256=None):
                 have = 0
             expected = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else size
             r.raw.enforce_content_length = False  # keep the bytes that came before a cut; checked below
-            try:
-                with open(part, 'ab' if have else 'wb') as f:
-                    for chunk in r.raw.stream(1 << 20, decode_content=False):  # raw bytes: what Range counts
-                        f.write(chunk)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    die(f"the disk is full while writing {part}: free some space and rerun (the download resumes)")
-                raise
+            with open(part, 'ab' if have else 'wb') as f:
+                for chunk in r.raw.stream(1 << 20, decode_content=False):  # raw bytes: what Range counts
+                    f.write(chunk)
         got = os.path.getsize(part)
         if expected is not None and got < expected:
             raise IOError(f"connection closed at {got} of {expected} bytes")
