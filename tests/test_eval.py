@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,17 @@ def test_stop_strings_cut_at_the_first():
     assert ev.cut_at_stop('no stop here', ['\n#']) == 'no stop here'
 
 
-SANDBOX = {
+NONCE_THIEF = """import os, sys
+for value in list(vars(sys.modules['__main__']).values()):  # the runner's globals: the nonce was one of them
+    if isinstance(value, (str, bytes)) and len(value) == 32:
+        for fd in range(3, 64):
+            try:
+                os.write(fd, value.encode() if isinstance(value, str) else value)
+            except OSError:
+                pass
+os._exit(0)
+"""
+SANDBOX = {  # what every sandbox stops (or allows), the guards alone too
     'a correct program': ("def f():\n    return 1\nassert f() == 1\n", True),
     'a wrong one': ("assert 1 == 2\n", False),
     'an infinite loop': ("while True:\n    pass\n", False),
@@ -63,22 +74,69 @@ SANDBOX = {
     'sys.exit(0) before the tests': ("import sys\nsys.exit(0)\nassert False\n", False),
     'os._exit(0)': ("import os\nos._exit(0)\n", False),
     'writing outside': ("open('{outside}/written', 'w').write('x')\n", False),
-    'writing inside the scratch directory': ("open('notes.txt', 'w').write('x')\nassert open('notes.txt').read() == 'x'\n", True),
+    'io.open outside': ("import io\nio.open('{outside}/io', 'w').write('x')\n", False),
+    'os.open outside': ("import os\nos.close(os.open('{outside}/os-open', os.O_WRONLY | os.O_CREAT))\n", False),
+    'posix.unlink outside': ("import posix\nposix.unlink('{outside}/keep.txt')\n", False),
+    'open of a bytes path outside': ("open(b'{outside}/bytes', 'w').write('x')\n", False),
+    "the nonce from sys.modules['__main__']": (NONCE_THIEF, False),
+    'writing inside the scratch directory': ("open('notes.txt', 'w').write('x')\nassert open('notes.txt').read() == 'x'\n",
+                                             True),
+}
+OS_LEVEL = {  # what only bwrap stops: routes around the Python-level guards, and the network
+    'libc open(O_CREAT) outside': ("import ctypes, os\n"
+                                   "assert ctypes.CDLL(None).open(b'{outside}/libc', os.O_WRONLY | os.O_CREAT, 0o644) >= 0\n",
+                                   False),
+    'libc unlink outside': ("import ctypes\nassert ctypes.CDLL(None).unlink(b'{outside}/keep.txt') == 0\n", False),
+    'libc rename outside': ("import ctypes\nassert ctypes.CDLL(None).rename(b'{outside}/keep.txt', b'{outside}/x') == 0\n",
+                            False),
+    'a connection to a server on 127.0.0.1': (
+        "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'GET /x HTTP/1.0\\r\\n\\r\\n')\n",
+        False),
 }
 
 
-def test_sandbox(tmp_path, monkeypatch):
-    outside = tmp_path / 'outside'
-    outside.mkdir()
-    (outside / 'keep.txt').write_text('keep')
-    monkeypatch.setattr(ev, 'timeout', 3.0)
-    scratch_before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith('nca-eval-')}
-    programs = [p.format(outside=outside) for p, _ in SANDBOX.values()]
-    results = ev.run_programs(programs)  # all together, in parallel: the evaluation goes on
-    for (name, (_, want)), (passed, why) in zip(SANDBOX.items(), results):
-        assert passed == want, (name, why)
-    assert sorted(os.listdir(outside)) == ['keep.txt'] and (outside / 'keep.txt').read_text() == 'keep'
-    assert {d for d in os.listdir(tempfile.gettempdir()) if d.startswith('nca-eval-')} == scratch_before  # removed
+@pytest.fixture(params=['bwrap', 'guards'])
+def protection(request, monkeypatch):
+    """Each sandbox in turn; bwrap's is skipped, with the reason, where it cannot start."""
+    monkeypatch.setattr(ev, 'sandbox', request.param)
+    monkeypatch.setattr(ev, '_modes', {})
+    if request.param == 'bwrap':
+        try:
+            ev.sandbox_mode()
+        except SystemExit as e:
+            pytest.skip(str(e))
+    return request.param
+
+
+def test_sandbox(protection, tmp_path, monkeypatch):
+    # outside: in the system's other temp directory, which bwrap leaves visible (read-only), unlike /tmp
+    outside = tempfile.mkdtemp(prefix='nca-outside-', dir='/var/tmp' if os.path.isdir('/var/tmp') else None)
+    server = FixtureServer()
+    try:
+        with open(os.path.join(outside, 'keep.txt'), 'w') as f:
+            f.write('keep')
+        monkeypatch.setattr(ev, 'timeout', 3.0)
+        scratch_before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith('nca-eval-')}
+        cases = {**SANDBOX, **(OS_LEVEL if protection == 'bwrap' else {})}
+        programs = [p.format(outside=outside, port=server.url.rsplit(':', 1)[1]) for p, _ in cases.values()]
+        results = ev.run_programs(programs)  # all together, in parallel: the evaluation goes on
+        for (name, (_, want)), (passed, why) in zip(cases.items(), results):
+            assert passed == want, (name, why)
+        assert sorted(os.listdir(outside)) == ['keep.txt'] and open(os.path.join(outside, 'keep.txt')).read() == 'keep'
+        assert {d for d in os.listdir(tempfile.gettempdir()) if d.startswith('nca-eval-')} == scratch_before  # removed
+        assert not server.log
+    finally:
+        server.close()
+        shutil.rmtree(outside)
+
+
+def test_without_bwrap_the_guards_run_and_say_so(monkeypatch, capsys):
+    monkeypatch.setenv('PATH', '/nonexistent')  # no bwrap to be found
+    monkeypatch.setattr(ev, 'sandbox', 'auto')
+    monkeypatch.setattr(ev, '_modes', {})
+    assert ev.sandbox_mode()[0] is None and ev.run_program('assert 1 + 1 == 2\n') == (True, 'passed')
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('eval.py: sandbox: guards as ') and 'bwrap: not installed' in err[0]
 
 
 @pytest.fixture
@@ -165,9 +223,10 @@ def bench_dir(tmp_path):
                     vocab=dict(kind='gpt2', size=50257), stage='lm', iter_num=0), tmp_path / 'ckpt.pt')
     server = FixtureServer()
     try:
-        serve_benchmarks(server, prepare_data.bigbench_commit, prepare_data.BBL_TASKS)
+        serve_benchmarks(server, prepare_data)
         p = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), 'gsm8k', 'humaneval', 'bbl',
-                            f'--data_dir={tmp_path / "data"}', f'--github_base={server.url}', f'--github_api={server.url}'],
+                            f'--data_dir={tmp_path / "data"}', f'--github_base={server.url}', f'--github_api={server.url}',
+                            '--allow_unpinned=true'],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
     finally:
@@ -203,7 +262,9 @@ def test_humaneval_scores_a_samples_file(bench_dir):
     p = run_eval('humaneval', f'--samples={bench_dir / "samples.jsonl"}', f'--data_dir={bench_dir / "data"}', '--timeout=2',
                  f'--out={bench_dir / "he.json"}', cwd=bench_dir)
     assert p.returncode == 0, p.stderr[-3000:]
-    scores = json.loads((bench_dir / 'he.json').read_text())['scores']
+    result = json.loads((bench_dir / 'he.json').read_text())
+    assert f"eval.py: sandbox: {result['settings']['sandbox']} (" in p.stderr  # said, and recorded
+    scores = result['scores']
     assert scores == {'pass@1': pytest.approx((0.5 + 0.0) / 2), 'pass@2': pytest.approx((1.0 + 0.0) / 2)}
 
 

@@ -1,5 +1,6 @@
 """prepare_data.py against a local HTTP server on 127.0.0.1: formats, resume, faults, determinism. Offline."""
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -205,8 +207,8 @@ def test_bad_names_and_addresses(server, tmp_path):
 
 
 def test_benchmarks(server, tmp_path):
-    gsm, he = serve_benchmarks(server, prepare_data.bigbench_commit, prepare_data.BBL_TASKS)
-    p = run(server, 'gsm8k', 'humaneval', 'bbl', data_dir=tmp_path)
+    gsm, he = serve_benchmarks(server, prepare_data)
+    p = run(server, 'gsm8k', 'humaneval', 'bbl', '--allow_unpinned=true', data_dir=tmp_path)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in open(tmp_path / 'gsm8k' / 'test.jsonl')]
     assert rows == gsm
@@ -231,3 +233,99 @@ def test_a_whole_part_file_is_finished_not_refetched(server, tmp_path):
     (raw / 'file-000000000001.json.gz.part').write_bytes(server.files[path])  # killed just before the rename
     assert run(server, 'codeparrot', data_dir=tmp_path).returncode == 0
     assert [r for q, r in server.log if q == path] == [f'bytes={len(server.files[path])}-']  # answered 416
+
+
+def corrupt_gzip(data):
+    """data with one byte flipped where zlib itself fails ('invalid distance too far back' and the like), not only
+    the CRC check at the end."""
+    for i in range(len(data) // 2, len(data)):
+        bad = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+        try:
+            gzip.decompress(bad)
+        except zlib.error:
+            return bad
+        except (OSError, EOFError):
+            pass
+
+
+@pytest.mark.parametrize('where', ['served', 'in raw/'])
+def test_a_corrupt_gzip_is_named_deleted_and_fetched_again(server, tmp_path, where):
+    if where == 'served':  # a C4 shard with one byte changed in transit
+        path = '/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz'
+        good = jsonl_gz([{'text': d} for d in DOCS])
+        server.files[path] = corrupt_gzip(good)
+        name, local, args = 'c4', tmp_path / 'c4' / 'raw' / 'c4-train.00000-of-01024.json.gz', ['--max_tokens=100']
+    else:  # HumanEval.jsonl.gz damaged on disk after an earlier download
+        serve_benchmarks(server, prepare_data)
+        path = f'/openai/human-eval/{prepare_data.humaneval_commit}/data/HumanEval.jsonl.gz'
+        good = server.files[path]
+        name, local = 'humaneval', tmp_path / 'humaneval' / 'raw' / 'HumanEval.jsonl.gz'
+        args = ['--allow_unpinned=true']  # the fixture is not the pinned file
+        local.parent.mkdir(parents=True)
+        local.write_bytes(corrupt_gzip(good))
+    p = run(server, name, *args, data_dir=tmp_path)
+    assert p.returncode != 0 and 'zlib.error' not in p.stderr and 'corrupt' in p.stderr and local.name in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not local.exists()
+    server.files[path] = good
+    server.log.clear()
+    p = run(server, name, *args, data_dir=tmp_path)  # the rerun fetches it again
+    assert p.returncode == 0, p.stderr
+    assert [q for q, _ in server.log] == [path] and local.read_bytes() == good
+
+
+def test_a_500_on_the_listing_is_retried(server, tmp_path):
+    serve_codeparrot(server)
+    api = '/api/datasets/codeparrot/codeparrot-clean/tree/main'
+    server.faults[api] = ['500']
+    p = run(server, 'codeparrot', data_dir=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [q for q, _ in server.log].count(api) == 3  # the 500, then the two pages
+
+
+def test_a_cached_listing_follows_hf_base_to_a_mirror(server, tmp_path):
+    serve_codeparrot(server)
+    second = '/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000002.json.gz'
+    del server.files[second]  # the first run stops there, with the listing cached
+    assert run(server, 'codeparrot', data_dir=tmp_path).returncode != 0
+    assert (tmp_path / 'codeparrot' / 'raw' / 'listing.json').exists()
+    server.files.clear()  # the old address serves nothing now
+    server.log.clear()
+    mirror = FixtureServer()
+    try:
+        serve_codeparrot(mirror)
+        p = run(mirror, 'codeparrot', data_dir=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert [q for q, _ in mirror.log if 'resolve' in q] == [second] and not server.log
+    finally:
+        mirror.close()
+
+
+@pytest.fixture
+def pd(monkeypatch):
+    """prepare_data run in this process (to pin other bytes), its config restored after the test."""
+    for k in prepare_data.config_keys:
+        monkeypatch.setattr(prepare_data, k, getattr(prepare_data, k))
+    return prepare_data
+
+
+def test_benchmark_files_are_checked_against_their_pinned_sha256(server, tmp_path, pd, monkeypatch, capsys):
+    serve_benchmarks(server, pd)
+    base = f'/openai/grade-school-math/{pd.gsm8k_commit}/grade_school_math/data'
+    for split in ('train', 'test'):  # pin the fixture's bytes
+        sha = hashlib.sha256(server.files[f'{base}/{split}.jsonl']).hexdigest()
+        monkeypatch.setitem(pd.PINNED_SHA256, f'gsm8k/{split}.jsonl', sha)
+    args = ['gsm8k', f'--github_base={server.url}', '--retries=0']
+    pd.main(args + [f'--data_dir={tmp_path / "a"}'])
+    assert (tmp_path / 'a' / 'gsm8k' / 'meta.json').exists()
+    # a same-length edit that stays valid JSON is refused, deleted, and the way to accept it is named
+    server.files[f'{base}/test.jsonl'] = server.files[f'{base}/test.jsonl'].replace(b'#### 198', b'#### 199')
+    with pytest.raises(SystemExit) as e:
+        pd.main(args + [f'--data_dir={tmp_path / "b"}'])
+    assert 'test.jsonl: sha256' in str(e.value) and 'is not the pinned' in str(e.value)
+    assert '--allow_unpinned=true' in str(e.value) and '\n' not in str(e.value)
+    assert not (tmp_path / 'b' / 'gsm8k' / 'meta.json').exists()
+    assert not (tmp_path / 'b' / 'gsm8k' / 'raw' / 'test.jsonl').exists()
+    pd.main(args + [f'--data_dir={tmp_path / "b"}', '--allow_unpinned=true'])
+    assert 'test.jsonl is not the pinned version' in capsys.readouterr().out
+    rows = [json.loads(line) for line in open(tmp_path / 'b' / 'gsm8k' / 'test.jsonl')]
+    assert rows[99]['answer'].endswith('#### 199')
