@@ -603,6 +603,10 @@ def eval_compare(_):
         if not eq or not dirs:
             die(f"--runs: {item!r} names no run folder: give NAME=GLOB, e.g. nca=out-nca-s*")
         arms[name] = {d: val_curve(d) for d in dirs}
+        ends = {d: c[-1][0] for d, c in arms[name].items()}
+        if len(set(ends.values())) > 1:
+            die(f"the runs of {name} end at different tokens ({', '.join(f'{d}: {t:,}' for d, t in ends.items())}): "
+                f"is one unfinished?")
     if not arms:
         die("give --runs=NAME=GLOB,NAME=GLOB,... (each glob: the out_dirs of one arm, one per seed)")
     base = baseline or next(iter(arms))

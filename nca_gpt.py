@@ -114,14 +114,15 @@ PRESETS = {
              'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
     # one GPU: GPT-2 small's shape (85M parameters without embeddings) on the paper's 164M NCA tokens
     'small': {'all': dict(n_layer=12, n_head=12, n_embd=768, beta2=0.95, compile=True, eval_interval=500),
-              'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4),
-              'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4),
+              'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
+              'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
               'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4, weight_decay=1e-4,
                          max_iters=5000, warmup_iters=500, lr_decay_iters=5000, min_lr=6e-5),
               'sft': dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
                           lr_decay_iters=0)},
     # the paper: 1.6B parameters; NCA: Adam 1e-4, 32 x 1024 tokens, 5,000 updates, stop at the end of warm-up
     'paper': {'all': dict(n_layer=24, n_head=32, n_embd=2048, dropout=0.1, compile=True, eval_interval=500),
+              'nca': dict(stop_at_peak=True), 'dyck': dict(stop_at_peak=True),
               'lm': PAPER_LM,
               'sft': dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
                           lr_decay_iters=0)},

@@ -7,7 +7,7 @@
 #   bash tests/reproduce.sh              # everything, one run after another (about 3 h on one CPU core)
 #   bash tests/reproduce.sh --list       # only print the commands, in an order that respects dependencies
 #   SEEDS="1 2" RECIPES=A OUT=out-repro bash tests/reproduce.sh
-#   SWEEP=1 bash tests/reproduce.sh      # the band sweep instead (bands 0.2-0.3, 0.3-0.4, 0.4-0.5; recipe A)
+#   SWEEP=1 bash tests/reproduce.sh      # then the band sweep: bands 0.2-0.3, 0.3-0.4, 0.4-0.5 beside 0.5-1.0
 #
 # A finished run (out_dir/done) is skipped, so a killed reproduction continues where it stopped.
 set -euo pipefail
@@ -34,7 +34,7 @@ STAGE1=("nca:--stage=nca" "shuffled:--stage=nca --nca_shuffle=true" "authorsloss
 ARMS=("scratch::" "nca:nca:" "nca-attn:nca:--reinit=mlp" "shuffled:shuffled:" "authorsloss:authorsloss:" "dyck:dyck:")
 TAG=""
 if [ "${SWEEP:-0}" = 1 ]; then
-  RECIPES=A TAG=-sweep
+  TAG=-sweep
   STAGE1=("band0.2:--stage=nca --gzip_lower=0.2 --gzip_upper=0.3" "band0.3:--stage=nca --gzip_lower=0.3 --gzip_upper=0.4"
           "band0.4:--stage=nca --gzip_lower=0.4 --gzip_upper=0.5")
   ARMS=("band0.2:band0.2:" "band0.3:band0.3:" "band0.4:band0.4:")
