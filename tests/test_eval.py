@@ -311,3 +311,16 @@ def test_compare_arms_over_seeds(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, 'runs', 'base=nothing-*')
     with pytest.raises(SystemExit, match='names no run folder'):
         ev.eval_compare(None)
+
+
+def test_a_byte_model_samples_text(monkeypatch):
+    """A model of the bytes vocabulary (257 ids, padded to 320) decodes its samples as UTF-8."""
+    monkeypatch.setattr(ev, 'device', 'cpu')
+    monkeypatch.setattr(ev, 'dtype', 'float32')
+    monkeypatch.setattr(ev, 'vocab', dict(kind='bytes', size=257))
+    torch.manual_seed(0)
+    model = nca_gpt.GPT(320, n_layer=1, n_head=2, n_embd=32, block_size=64).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(50)
+    outs = ev.sample(model, list(b'def f(x):'), 4, 20, 1.0, 1.0, 0, [], seed_base=0)
+    assert len(outs) == 4 and all(isinstance(o, str) for o in outs) and len(set(outs)) > 1
