@@ -965,10 +965,11 @@ def write_png(path, image):
 
 
 @torch.no_grad()
-def watch(path, n_rules=3, n_cols=5):
+def watch(path, n_rules=3, n_summary=32):
     """--stage show --ckpt: the model reads a held-out rule's trajectory and predicts each patch from all the
-    tokens before it (teacher forcing, argmax). Drawn: the true frames, then the predicted ones with the
-    wrong cells marked; per frame the patch accuracy, and that of copying the previous frame."""
+    tokens before it (teacher forcing, argmax). Drawn for n_rules rules: the true frames, then the predicted ones
+    with the wrong cells marked; per frame the patch accuracy, and that of copying the previous frame. Then the
+    accuracy by frame over n_summary rules."""
     checkpoint = load_checkpoint(path)
     if checkpoint['stage'] != 'nca':
         die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: --ckpt draws the predictions of an nca one")
@@ -978,7 +979,7 @@ def watch(path, n_rules=3, n_cols=5):
     model = GPT(**checkpoint['model_args'])
     model.load_state_dict(checkpoint['model'])
     model.to(device).eval()
-    x, _ = nca_batch('val', 0, n_rules)                                  # (R, T): held-out rules
+    x, _ = nca_batch('val', 0, n_summary)                                # (R, T): held-out rules
     L, V = frame_len(), n_states ** (patch * patch)
     n = x.size(1) // L                                                    # whole frames in the context
     logits, _ = model(x)
@@ -996,11 +997,12 @@ def watch(path, n_rules=3, n_cols=5):
         print(f"\nrule {r}: true frames\n" + '\n'.join(draw_frames(true_f[r, cols], color)))
         print("model's prediction\n" + '\n'.join(draw_frames(pred_f[r, cols], color, pred_f[r, cols] != true_f[r, cols])))
         print('   '.join(f"{acc[r, c]:>4.0%} copy {copy[r, c - 1]:>4.0%}".ljust(2 * grid) for c in cols))
-    print(f"\nover these rules, patch accuracy by frame: {' '.join(f'{v:.0%}' for v in acc[:, 1:].mean(0).tolist())}; "
-          f"copying: {' '.join(f'{v:.0%}' for v in copy.mean(0).tolist())}")
+    print(f"\nover {n_summary} held-out rules, patch accuracy of frames 1-{n - 1}: "
+          f"{' '.join(f'{v:.0%}' for v in acc[:, 1:].mean(0).tolist())}; copying: "
+          f"{' '.join(f'{v:.0%}' for v in copy.mean(0).tolist())}")
     if png:  # rows: per rule, true then predicted (wrong cells crossed in black); 8 pixels a cell
         rgb = torch.tensor([xterm_rgb(c) for c in PALETTE], dtype=torch.uint8)
-        tiles = torch.stack([true_f[:, cols], pred_f[:, cols]], 1)       # (R, 2, C, S, S)
+        tiles = torch.stack([true_f[:n_rules, cols], pred_f[:n_rules, cols]], 1)  # (R, 2, C, S, S)
         img = rgb[tiles.clamp_max(len(PALETTE) - 1).cpu()]               # (R, 2, C, S, S, 3)
         img = img.repeat_interleave(8, 3).repeat_interleave(8, 4)         # (R, 2, C, 8S, 8S, 3)
         dot = torch.zeros(8, 8, dtype=torch.bool)
