@@ -644,6 +644,8 @@ def eval_compare(_):
             for k, (a, runs_) in enumerate(arms.items()):
                 for j, c in enumerate(runs_.values()):
                     ax.plot(*zip(*c), color=f"C{k}", alpha=0.8, lw=1.2, label=a if j == 0 else None)
+            curves = [c for runs_ in arms.values() for c in runs_.values()]  # zoom past the first steep drop
+            ax.set_ylim(min(l for c in curves for _, l in c) - 0.02, max(c[min(2, len(c) - 1)][1] for c in curves) + 0.02)
             ax.set(xlabel='tokens', ylabel='validation loss (nats per token)', title=f"validation loss; baseline {base}")
             ax.legend()
             atomic_write(png, lambda tmp: fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight'))
