@@ -783,6 +783,13 @@ def train():
             print(f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
                   f"embedding and head {'kept' if keep else 'fresh for ' + vocab['kind']}"
                   + (f"; reinit {reinit}" if reinit else '') + (f"; frozen {freeze}" if freeze else ''))
+    need, free = memory_needed(model, ptdtype.itemsize), free_memory(device)
+    if master:
+        print(f"memory: about {need / 2**30:.2f} GiB needed on {device} (a rough estimate: weights, gradients, AdamW, "
+              f"activations of {batch_size} sequences)" + (f"; {free / 2**30:.1f} GiB free" if free else ''))
+    if free and need > 2 * free:  # beyond the estimate's own error: it clearly cannot fit
+        die(f"this run needs about {need / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} GiB free: lower "
+            f"--batch_size (raise --gradient_accumulation_steps to keep the update the same)")
     model.to(device)
 
     # optimiser: AdamW, decay on matrices only, fused on CUDA
@@ -923,6 +930,27 @@ def peak_flops_per_s(device):
     name = torch.cuda.get_device_name(device)
     return next((f for key, f in [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12),
                                   ('4090', 165e12)] if key in name), None)
+
+
+def memory_needed(model, act_bytes):
+    """A rough estimate of the bytes a training step takes on its device (tests/test_gpu_paths.py holds it
+    within 2x of a measured peak): weights, gradients and AdamW's two moments in fp32 (16 bytes a parameter),
+    plus what one micro-step keeps for the backward pass, per token: in each layer about 27 x width values in the
+    compute dtype (the matmuls' inputs, q, k, v, SwiGLU's gate and up) and 2 x width in fp32 (the norms' inputs);
+    the logits in the compute dtype and twice in fp32 (the loss's input, then its gradient). Temporaries and the
+    allocator's slack come on top."""
+    C, V = model.wte.embedding_dim, model.head.out_features
+    per_token = model.n_layer * C * (27 * act_bytes + 8) + V * (act_bytes + 8)
+    return 16 * sum(p.numel() for p in model.parameters()) + batch_size * block_size * per_token
+
+
+def free_memory(device):
+    """Bytes free on the device: the GPU's, or the RAM available to a CPU run; None where unknown."""
+    if device.startswith('cuda'):
+        return torch.cuda.mem_get_info(device)[0]
+    if device == 'cpu' and os.path.exists('/proc/meminfo'):
+        return next((int(line.split()[1]) * 1024 for line in open('/proc/meminfo') if line.startswith('MemAvailable:')), None)
+    return None
 
 
 # =============================================================================

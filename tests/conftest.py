@@ -17,6 +17,21 @@ def nca(monkeypatch):
     nca_gpt._rule_sets.clear()
     return nca_gpt
 
+
+def pytest_addoption(parser):
+    parser.addoption('--slow', action='store_true', help='also run the tests marked slow (minutes each on a CPU)')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: minutes on a CPU; skipped unless pytest is given --slow')
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption('--slow'):
+        for item in items:
+            if 'slow' in item.keywords:
+                item.add_marker(pytest.mark.skip(reason='slow: run with `python -m pytest -q tests --slow`'))
+
 # tiktoken cannot download here: use the GPT-2 ranks that shared/ holds (see DEVELOPERS.md)
 _cache = os.path.join(ROOT, '..', 'shared', 'tiktoken-cache')
 if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(_cache):
