@@ -956,7 +956,9 @@ def free_memory(device):
 # =============================================================================
 # 5. --stage show: see the automata and the statistics of the filter
 # =============================================================================
-PALETTE = [196, 46, 21, 226, 201, 51, 255, 130, 240, 208]  # xterm-256 colours, one per state
+PALETTE = [196, 46, 21, 226, 201, 51, 255, 130, 240, 208]  # xterm-256 colours, one per state, and in RGB:
+RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (238, 238, 238), (175, 95, 0),
+       (88, 88, 88), (255, 135, 0)]
 
 
 def draw_frames(frames, color, wrong=None):
@@ -970,13 +972,6 @@ def draw_frames(frames, color, wrong=None):
         return (f"{v:x}" if v < 16 else f"{v}") + ('*' if bad else ' ')
     return ['   '.join(''.join(cell(v, b) for v, b in zip(row, bad)) for row, bad in zip(rows, bads))
             for rows, bads in zip(frames.transpose(0, 1).tolist(), wrong.transpose(0, 1).tolist())]
-
-
-def xterm_rgb(c):
-    """An xterm-256 colour (16-255) -> (r, g, b): the 6x6x6 cube, then the greys."""
-    if c >= 232:
-        return (8 + 10 * (c - 232),) * 3
-    return tuple(0 if v == 0 else 55 + 40 * v for v in ((c - 16) // 36, (c - 16) // 6 % 6, (c - 16) % 6))
 
 
 def write_png(path, image):
@@ -1029,7 +1024,7 @@ def watch(path, n_rules=3, n_summary=32):
           f"{' '.join(f'{v:.0%}' for v in acc[:, 1:].mean(0).tolist())}; copying: "
           f"{' '.join(f'{v:.0%}' for v in copy.mean(0).tolist())}")
     if png:  # rows: per rule, true then predicted (wrong cells crossed in black); 8 pixels a cell
-        rgb = torch.tensor([xterm_rgb(c) for c in PALETTE], dtype=torch.uint8)
+        rgb = torch.tensor(RGB, dtype=torch.uint8)
         tiles = torch.stack([true_f[:n_rules, cols], pred_f[:n_rules, cols]], 1)  # (R, 2, C, S, S)
         img = rgb[tiles.clamp_max(len(PALETTE) - 1).cpu()]               # (R, 2, C, S, S, 3)
         img = img.repeat_interleave(8, 3).repeat_interleave(8, 4)         # (R, 2, C, 8S, 8S, 3)
