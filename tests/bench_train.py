@@ -55,7 +55,7 @@ def main():
     runs = [(p, ['--stage=nca']) for p in presets]
     if 'lm' in opts:
         runs = [('tiny', ['--stage=lm', f'--dataset={d}']) for d in opts['lm'].split(',')]
-    print(f"{'run':<22}{'compile':<9}{'loop tok/s':>12}{'plain tok/s':>13}{'ratio':>7}{'MFU':>7}")
+    print(f"{'run':<28}{'compile':<9}{'loop tok/s':>12}{'plain tok/s':>13}{'ratio':>7}{'MFU':>7}")
     for preset, stage in runs:
         for comp in ([False, True] if cuda else [False]):
             with tempfile.TemporaryDirectory() as out:
@@ -69,7 +69,7 @@ def main():
                 peak = nca_gpt.peak_flops_per_s(nca_gpt.device)
                 mfu = f"{model.flops_per_token(nca_gpt.block_size) * ours / peak:.1%}" if peak else '-'
                 name = preset + (f" {nca_gpt.dataset} ({nca_gpt.vocab['kind']})" if nca_gpt.stage == 'lm' else '')
-                print(f"{name:<22}{str(comp):<9}{ours:>12,.0f}{plain:>13,.0f}{ours / plain:>7.2f}{mfu:>7}", flush=True)
+                print(f"{name:<28}{str(comp):<9}{ours:>12,.0f}{plain:>13,.0f}{ours / plain:>7.2f}{mfu:>7}", flush=True)
 
 
 if __name__ == '__main__':
