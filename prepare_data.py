@@ -56,7 +56,7 @@ github_api = os.environ.get('NCA_GITHUB_API', 'https://api.github.com')
 bigbench_commit = '092b196c1f8f14a54bbc62f24759d43bde46dd3b'  # pinned: tasks change between commits
 retries = 6             # per download, with back-off 1, 2, 4, ... s
 timeout = 60.0          # seconds without data before a retry
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 
 
@@ -112,7 +112,7 @@ def download(url, dest, size=None, sha256=None):
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 die(f"the disk is full while writing {part}: free some space and rerun (the download resumes)")
             if attempt == retries:
-                die(f"giving up on {url} after {retries + 1} tries: {e}")
+                die(f"giving up on {url} after {retries + 1} tries: {e}{mirror_hint(url)}")
             wait = 2 ** attempt
             print(f"  {os.path.basename(dest)}: {e}; retrying in {wait}s")
             time.sleep(wait)
@@ -508,6 +508,13 @@ def bbl_examples(task, fetch):
             examples.append(dict(task=task, subtask=subtask, input=ex['input'], choices=list(scores),
                                  targets=[targets] if isinstance(targets, str) else list(targets)))
     return examples
+
+
+def mirror_hint(url):
+    """Where the network is blocked or offline: the option that points this address at a mirror."""
+    flag = next((f for f, base in [('github_api', github_api), ('github_base', github_base), ('hf_base', hf_base)]
+                 if url.startswith(base)), None)
+    return f" (offline, or the site blocked? --{flag}=URL fetches from a mirror)" if flag else ''
 
 
 CORPORA = ['openwebtext', 'c4', 'codeparrot', 'openwebmath', 'pystdlib']
