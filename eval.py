@@ -73,20 +73,20 @@ top_k = 0               # 0 = off
 max_new_tokens = 0      # (0 = the protocol's: gsm8k 250, harness 256, humaneval 500, bbl 35)
 style = 'paper'         # gsm8k: paper | harness
 limit = 0               # only the first `limit` problems (0 = all)
-batch_size = 64         # samples decoded together
+batch_size = 64         # samples decoded together (ppl: windows scored together, at most 2^26 logits)
 samples = ''            # humaneval: score this jsonl of {task_id, completion} instead of sampling
 timeout = 10.0          # seconds per program
 memory_mb = 2048        # address-space limit per program
 workers = os.cpu_count()  # programs run in parallel
 sandbox = 'auto'        # humaneval: auto (bwrap where it starts, else the guards) | bwrap | guards
-out = ''                # JSON of the results ('' = eval-{task}.json)
+out = ''                # JSON of the results ('' = eval-TASK.json beside the checkpoint, or here without one)
 runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (an arm's runs are its seeds)
 baseline = ''           # compare: the arm the others are measured against ('' = the first)
 png = ''                # compare: also plot validation loss against tokens here (needs matplotlib)
 seed = 1337
 device = ''
 dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare']
 vocab = dict(kind='gpt2', size=50257)  # load_model sets the checkpoint's: kind gpt2 | bytes; the embedding pads past size
@@ -129,9 +129,6 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
     """n_samples completions of one prompt (token ids). The prompt is prefilled once; its cache is copied to
     every row, then all rows advance one token a step. -> list of completion strings, cut at the first stop."""
     _, decode, eot = nca_gpt.text_codec(vocab['kind'])
-    if max_new >= model.block_size:
-        die(f"--max_new_tokens={max_new} leaves no room for the prompt in a context of {model.block_size}")
-    prompt = prompt[-(model.block_size - max_new):]  # keep the end of a prompt too long for the context
     cache_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
     prefill = model.new_cache(1, len(prompt), cache_dtype, device)  # the prompt's keys and values, computed once
     with autocast():
@@ -401,11 +398,40 @@ def run_programs(programs):
 # =============================================================================
 # The tasks
 # =============================================================================
-def read_jsonl(path, what, apply_limit=True):
-    if not os.path.exists(path):
-        die(f"no {path}: run `python prepare_data.py {what}` first")
+def check_inputs(task):
+    """The files a task reads exist: checked before the model is loaded, each miss one line on what to run."""
+    if task == 'humaneval' and samples and not os.path.exists(samples):
+        die(f"no {samples}: --samples names a jsonl of {{task_id, completion}} rows, as openai/human-eval writes them")
+    for name in datasets.split(',') if task == 'ppl' else [task] if task != 'compare' else []:
+        meta = os.path.join(data_dir, name, 'meta.json')
+        if not os.path.exists(meta):
+            die(f"no {meta}: run `python prepare_data.py {name}` first")
+        if task == 'ppl' and 'benchmark' in json.load(open(meta)):
+            die(f"{name} is a benchmark, not a corpus: ppl scores one that prepare_data.py tokenises (openwebtext, "
+                f"c4, codeparrot, openwebmath, pystdlib, or your own with --source)")
+        wanted = {'ppl': ['val.bin'], 'humaneval': ['test.jsonl']}.get(task, ['train.jsonl', 'test.jsonl'])
+        missing = [f for f in wanted if not os.path.exists(os.path.join(data_dir, name, f))]
+        if missing:
+            die(f"no {os.path.join(data_dir, name, missing[0])}: delete {meta} and run `python prepare_data.py {name}` again")
+
+
+def read_jsonl(path, apply_limit=True):
     rows = [json.loads(line) for line in open(path) if line.strip()]
     return rows[:limit] if limit and apply_limit else rows
+
+
+def fit_to_context(prompts, max_new, context):
+    """Every prompt whole: per problem, the generation is cut to what the model's context leaves (said once);
+    a prompt that leaves no room is refused. -> new tokens per problem."""
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) >= context:
+        die(f"the prompt of problem {longest} is {len(prompts[longest])} tokens, the model's whole context is {context}: "
+            f"evaluate a model with a longer context (--block_size), or fewer problems (--limit)")
+    cut = [min(max_new, context - len(p)) for p in prompts]
+    if min(cut) < max_new:
+        print(f"warning: {sum(c < max_new for c in cut)} of {len(prompts)} prompts leave less than --max_new_tokens="
+              f"{max_new} in the model's context of {context}: their generation stops early, at {min(cut)} tokens or more")
+    return cut
 
 
 def settings(task):
@@ -430,11 +456,8 @@ def eval_ppl(model):
     """exp of the mean next-token loss over non-overlapping windows of the model's context, and bits per byte."""
     results, n_bytes = {}, token_bytes()
     for name in datasets.split(','):
-        path = os.path.join(data_dir, name, 'val.bin')
-        meta_path = os.path.join(data_dir, name, 'meta.json')
-        if not os.path.exists(path) or not os.path.exists(meta_path):
-            die(f"no {path}: run `python prepare_data.py {name}` first")
-        kind = json.load(open(meta_path)).get('tokenizer', 'gpt2')
+        path = os.path.join(data_dir, name, 'val.bin')  # there, as check_inputs saw
+        kind = json.load(open(os.path.join(data_dir, name, 'meta.json'))).get('tokenizer', 'gpt2')
         if kind != vocab['kind']:
             die(f"{name} holds {kind} tokens and the model reads {vocab['kind']}: prepare the corpus with "
                 f"--tokenizer={vocab['kind']} under another name")
@@ -445,48 +468,59 @@ def eval_ppl(model):
             n_windows = min(n_windows, max(1, max_tokens // T))
         if n_windows == 0:
             die(f"{path} holds {len(tokens)} tokens, fewer than one window of {T + 1}")
-        total, count, text_bytes = 0.0, 0, 0.0
-        for first in range(0, n_windows, batch_size):
-            rows = [tokens[w * T:w * T + T + 1].astype(np.int64) for w in range(first, min(first + batch_size, n_windows))]
+        window_loss, text_bytes = [], 0.0
+        at_once = max(1, min(batch_size, 2 ** 26 // (T * model.head.out_features)))  # logits of 256 MB at most
+        for first in range(0, n_windows, at_once):
+            rows = [tokens[w * T:w * T + T + 1].astype(np.int64) for w in range(first, min(first + at_once, n_windows))]
             xy = torch.from_numpy(np.stack(rows)).to(device)
             with torch.no_grad(), autocast():
                 logits, _ = model(xy[:, :-1])
-            total += F.cross_entropy(logits.float().flatten(0, 1), xy[:, 1:].flatten(), reduction='sum').item()
-            count += xy[:, 1:].numel()
+            window_loss += F.cross_entropy(logits.float().transpose(1, 2), xy[:, 1:], reduction='none').mean(1).tolist()
             text_bytes += n_bytes[xy[:, 1:].cpu()].sum().item()
-        bpb = total / math.log(2) / text_bytes
-        results[name] = dict(ppl=math.exp(total / count), loss=total / count, bits_per_byte=bpb, tokens=count,
+        loss, count = float(np.mean(window_loss)), len(window_loss) * T
+        se = float(np.std(window_loss) / math.sqrt(max(len(window_loss) - 1, 1)))  # of the mean over windows
+        bpb = loss * count / math.log(2) / text_bytes
+        results[name] = dict(ppl=math.exp(loss), loss=loss, loss_se=se, bits_per_byte=bpb, tokens=count,
                              bytes=int(text_bytes))
-        print(f"{name:<16} ppl {results[name]['ppl']:8.3f}  loss {total / count:.4f}  bits per byte {bpb:.4f}  "
-              f"({count:,} tokens, {int(text_bytes):,} bytes)")
+        print(f"{name:<16} ppl {results[name]['ppl']:8.3f}  loss {loss:.4f} +- {se:.4f}  bits per byte {bpb:.4f}  "
+              f"({len(window_loss):,} windows, {count:,} tokens, {int(text_bytes):,} bytes)")
     return results
 
 
-def eval_gsm8k(model):
-    encode = nca_gpt.text_codec(vocab['kind'])[0]
-    train = read_jsonl(os.path.join(data_dir, 'gsm8k', 'train.jsonl'), 'gsm8k', apply_limit=False)
-    test = read_jsonl(os.path.join(data_dir, 'gsm8k', 'test.jsonl'), 'gsm8k')
-    task = 'gsm8k' if style == 'paper' else 'harness'
+def sample_all(model, prompts, task):
+    """The task's samples for every prompt (text), each prompt whole in the model's context -> lists of completions."""
     n_samples, temp, p, max_new, stops = settings(task)
-    rng = np.random.default_rng(seed)
-    per_problem, unparsable, t0 = [], 0, time.time()
-    for i, row in enumerate(test):
-        gold = extract_answer(row['answer'], 'strict')
+    encoded = [nca_gpt.text_codec(vocab['kind'])[0](prompt) for prompt in prompts]
+    outs, t0 = [], time.time()
+    for i, (prompt, new) in enumerate(zip(encoded, fit_to_context(encoded, max_new, model.block_size))):
+        outs.append(sample(model, prompt, n_samples, new, temp, p, top_k, stops, seed + i))
+        print(f"\r{task} {i + 1}/{len(prompts)}, {time.time() - t0:.0f}s", end='', flush=True)
+    print()
+    return outs
+
+
+def eval_gsm8k(model):
+    train = read_jsonl(os.path.join(data_dir, 'gsm8k', 'train.jsonl'), apply_limit=False)
+    test = read_jsonl(os.path.join(data_dir, 'gsm8k', 'test.jsonl'))
+    task = 'gsm8k' if style == 'paper' else 'harness'
+    n_samples, temp, p, max_new, _ = settings(task)
+    rng, prompts = np.random.default_rng(seed), []
+    for row in test:
         if style == 'paper':  # 3 random solved training examples, in the format sft trained on
             shots = [train[j] for j in rng.choice(len(train), 3, replace=False)]
             prompt = ''.join(gsm8k_prompt(s['question']) + gsm8k_target(s['answer']) + '\n\n' for s in shots)
-            prompt += gsm8k_prompt(row['question'])
+            prompts.append(prompt + gsm8k_prompt(row['question']))
         else:  # lm-evaluation-harness: the first 5 training examples, "Question: ... Answer: ..."
             prompt = ''.join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in train[:5])
-            prompt += f"Question: {row['question']}\nAnswer:"
-        outs = sample(model, encode(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
+            prompts.append(prompt + f"Question: {row['question']}\nAnswer:")
+    per_problem, unparsable = [], 0
+    for row, outs in zip(test, sample_all(model, prompts, task)):
+        gold = extract_answer(row['answer'], 'strict')
         how = ['paper'] if style == 'paper' else ['strict', 'flexible']
         answers = {h: [extract_answer(o, h) for o in outs] for h in how}
         unparsable += sum(a is None for a in answers[how[0]])
         per_problem.append(dict(question=row['question'], gold=gold, completions=outs,
                                 correct={h: sum(a == gold for a in answers[h]) for h in how}))
-        print(f"\rgsm8k {i + 1}/{len(test)}, {time.time() - t0:.0f}s", end='', flush=True)
-    print()
     scores = {}
     for h in per_problem[0]['correct']:
         for k in ks(n_samples):
@@ -505,23 +539,19 @@ def humaneval_program(problem, completion):
 
 
 def eval_humaneval(model):
-    problems = read_jsonl(os.path.join(data_dir, 'humaneval', 'test.jsonl'), 'humaneval')
-    n_samples, temp, p, max_new, stops = settings('humaneval')
+    problems = read_jsonl(os.path.join(data_dir, 'humaneval', 'test.jsonl'))
+    n_samples, temp, p, max_new, _ = settings('humaneval')
     protection = mode_name(sandbox_mode())  # said, or a bad --sandbox refused, before any sampling
     if samples:  # completions from elsewhere, as openai/human-eval reads them
-        rows = read_jsonl(samples, 'humaneval')
+        rows = read_jsonl(samples)
         by_id = {pr['task_id']: pr for pr in problems}
         unknown = [r['task_id'] for r in rows if r['task_id'] not in by_id]
         if unknown:
             die(f"{samples}: unknown task_id {unknown[0]!r} (not in {data_dir}/humaneval/test.jsonl)")
         problems = [pr for pr in problems if any(r['task_id'] == pr['task_id'] for r in rows)]
     else:
-        encode, rows, t0 = nca_gpt.text_codec(vocab['kind'])[0], [], time.time()
-        for i, pr in enumerate(problems):
-            rows += [dict(task_id=pr['task_id'], completion=c) for c in
-                     sample(model, encode(pr['prompt']), n_samples, max_new, temp, p, top_k, stops, seed + i)]
-            print(f"\rhumaneval {i + 1}/{len(problems)}, {time.time() - t0:.0f}s", end='', flush=True)
-        print()
+        rows = [dict(task_id=pr['task_id'], completion=c) for pr, outs in
+                zip(problems, sample_all(model, [pr['prompt'] for pr in problems], 'humaneval')) for c in outs]
         samples_path = os.path.splitext(out)[0] + '.samples.jsonl'
         atomic_write(samples_path, lambda tmp: open(tmp, 'w').writelines(json.dumps(r) + '\n' for r in rows))
         print(f"wrote {samples_path}")
@@ -539,19 +569,17 @@ def eval_humaneval(model):
 
 
 def eval_bbl(model):
-    train = read_jsonl(os.path.join(data_dir, 'bbl', 'train.jsonl'), 'bbl', apply_limit=False)
-    test = read_jsonl(os.path.join(data_dir, 'bbl', 'test.jsonl'), 'bbl')
-    n_samples, temp, p, max_new, stops = settings('bbl')
-    encode, per_task, t0 = nca_gpt.text_codec(vocab['kind'])[0], {}, time.time()
-    for i, ex in enumerate(test):
+    train = read_jsonl(os.path.join(data_dir, 'bbl', 'train.jsonl'), apply_limit=False)
+    test = read_jsonl(os.path.join(data_dir, 'bbl', 'test.jsonl'))
+    n_samples, temp, p, max_new, _ = settings('bbl')
+    prompts, per_task = [], {}
+    for ex in test:
         shots = [s for s in train if s['task'] == ex['task']][:2]  # 2 fixed shots per task
-        prompt = ''.join(bbl_prompt(s) + s['targets'][0] + '\n\n' for s in shots) + bbl_prompt(ex)
-        outs = sample(model, encode(prompt), n_samples, max_new, temp, p, top_k, stops, seed + i)
+        prompts.append(''.join(bbl_prompt(s) + s['targets'][0] + '\n\n' for s in shots) + bbl_prompt(ex))
+    for ex, outs in zip(test, sample_all(model, prompts, 'bbl')):
         targets = {t.strip().lower() for t in ex['targets']}
         correct = sum(o.strip().lower() in targets for o in outs)
         per_task.setdefault(ex['task'], []).append((correct, len(ex['choices'])))
-        print(f"\rbbl {i + 1}/{len(test)}, {time.time() - t0:.0f}s", end='', flush=True)
-    print()
     scores, tasks = {}, {}
     for k in ks(n_samples):
         for task, rows in per_task.items():
@@ -655,16 +683,23 @@ def eval_compare(_):
 
 def main(argv):
     global device, dtype, out
-    overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, {'style': ['paper', 'harness']}, 'eval.py')
+    overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys},
+                                 {'style': ['paper', 'harness'], 'dtype': ['', 'float32', 'bfloat16']}, 'eval.py')
     globals().update(overrides)
     if len(rest) != 1 or rest[0] not in TASKS:
         die(f"name one task: {', '.join(TASKS)}")
     task = rest[0]
-    device = device or nca_gpt.pick_device()
+    positive = ('batch_size', 'workers', 'memory_mb', 'timeout')
+    for k in ('n', 'max_tokens', 'max_new_tokens', 'limit', 'top_k') + positive:
+        if globals()[k] < 0 or globals()[k] == 0 and k in positive:
+            die(f"--{k}={globals()[k]} must be " + ("positive" if k in positive else "0 (the default) or more"))
+    device = device or nca_gpt.devices()[0]
+    nca_gpt.check_device(device, 'eval.py')
     dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
-    out = out or f'eval-{task}.json'
+    check_inputs(task)
     torch.manual_seed(seed)
     model, path = (None, None) if task == 'compare' or (task == 'humaneval' and samples) else load_model()
+    out = out or os.path.join(os.path.dirname(path or ''), f'eval-{task}.json')
     t0 = time.time()
     result = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl,
               'compare': eval_compare}[task](model)

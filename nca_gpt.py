@@ -321,6 +321,12 @@ def candidate_rules(split, rule_set, first, count):
     return keys, sample_rules(keys, n_states)
 
 
+def no_rule_in_band(ratios):
+    q = ' / '.join(f'{v:.3f}' for v in np.quantile(ratios.cpu().numpy(), [0.1, 0.5, 0.9]))
+    die(f"the band ({gzip_lower}, {gzip_upper}) kept no rule; the candidates' gzip ratios have the quantiles 10/50/90% "
+        f"{q}: choose --gzip_lower and --gzip_upper around them")
+
+
 _rule_sets = {}
 
 
@@ -337,8 +343,7 @@ def get_rule_set(split, rule_set, count, chunk=2048):
             kept.append(rules[(gzip_lower < ratio) & (ratio < gzip_upper)])
             n_kept, tried = n_kept + len(kept[-1]), tried + chunk
             if n_kept == 0 and tried >= 20 * chunk:
-                die(f"no rule of {tried} had a gzip ratio in ({gzip_lower}, {gzip_upper}); "
-                         f"widen the band (python nca_gpt.py --stage show prints the distribution)")
+                no_rule_in_band(ratio)
         print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} candidates in "
               f"({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
         if len(_rule_sets) >= 4:  # keep the current training and validation sets, drop older ones
@@ -426,17 +431,27 @@ def dataset_meta(name):
     return _read_meta(path)  # read once: lm_batch asks every batch
 
 
-def lm_batch(split, index, batch_size):
-    """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the batch index."""
-    meta = dataset_meta(dataset)
-    path = os.path.join(data_dir, dataset, f'{split}.bin')
-    n = meta[f'{split}_tokens']
+def data_file(split):
+    """The path of a split of --dataset, checked: sft reads prompt/answer pairs, lm token ids (meta.json counts them)."""
+    if stage == 'sft':
+        path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
+        if not os.path.exists(path):
+            die(f"no {path}: --stage sft trains on the pairs of `prepare_data.py gsm8k` (or bbl): give --dataset=gsm8k")
+        return path
+    path, n = os.path.join(data_dir, dataset, f'{split}.bin'), dataset_meta(dataset).get(f'{split}_tokens')
+    if n is None:
+        die(f"{dataset} is a benchmark, not a corpus: --stage lm trains on one that prepare_data.py tokenises")
     if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
         die(f"{path} is missing or not {n} uint16 tokens as meta.json says: run `python prepare_data.py {dataset}`")
     if n <= block_size + 1:
         die(f"{path} holds {n} tokens, too few for --block_size={block_size}")
-    data = np.memmap(path, dtype=np.uint16, mode='r')  # re-opened each batch: a long-lived memmap leaks (nanoGPT)
-    starts = randint(make_key(seed, SPLITS[split], LM, torch.tensor([index])), batch_size, n - block_size - 1)[0]
+    return path
+
+
+def lm_batch(split, index, batch_size):
+    """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the batch index."""
+    data = np.memmap(data_file(split), dtype=np.uint16, mode='r')  # re-opened each batch: a long-lived memmap leaks
+    starts = randint(make_key(seed, SPLITS[split], LM, torch.tensor([index])), batch_size, len(data) - block_size - 1)[0]
     xy = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
 
@@ -446,11 +461,8 @@ _sft_cache = {}
 
 def sft_examples(split):
     """prompt/answer pairs -> list of (tokens, prompt length); the answer ends with EOT."""
-    path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
-    kind = (vocab or stage_vocab())['kind']
+    path, kind = data_file(split), (vocab or stage_vocab())['kind']
     if (path, kind) not in _sft_cache:
-        if not os.path.exists(path):
-            die(f"no {path}: run `python prepare_data.py {dataset}` first")
         encode, _, eot = text_codec(kind)
         rows = [jsonlib.loads(line) for line in open(path) if line.strip()]
         _sft_cache[path, kind] = [(encode(r['prompt']) + encode(r['answer']) + [eot], len(encode(r['prompt']))) for r in rows]
@@ -671,6 +683,24 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+schedule_shares = {}  # configure(): warm-up and decay as shares of the preset's length, where not given
+progress = {}         # train(): the step reached and the last checkpoint's, for the message on Ctrl-C
+
+
+def run_length():
+    """The run's updates (given, or from a token budget, or passes over the data), then its schedule."""
+    global max_iters, warmup_iters, lr_decay_iters
+    if max_tokens:
+        max_iters = -(-max_tokens // tokens_per_iter())
+    elif epochs:  # an epoch: every training rule once (nca), every example once (sft)
+        n_examples = num_rules if stage == 'nca' else len(sft_examples('train'))
+        max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
+    globals().update({k: round(share * max_iters) for k, share in schedule_shares.items()})
+    lr_decay_iters = lr_decay_iters or max_iters
+    if stop_at_peak:
+        warmup_iters = lr_decay_iters = max_iters
+
+
 @torch.no_grad()
 def evaluate(model, ctx):
     """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the
@@ -695,7 +725,7 @@ def evaluate(model, ctx):
             copied += ((x[:, :x.size(1) - L + 1] == y[:, L - 1:]) & mask[:, L - 1:]).sum().item()
             total += mask.sum().item()
     model.train()
-    out = dict(val_loss=float(np.mean(losses)))
+    out = dict(val_loss=float(np.mean(losses)), val_loss_se=float(np.std(losses) / math.sqrt(max(len(losses) - 1, 1))))
     if stage == 'nca':
         whole = (block_size + 1) // frame_len()  # frames 1 .. whole-1 fit whole in a sequence
         out['frame_loss'] = [round(v, 4) for v in (frame_sum / frame_count)[1:whole].tolist()]  # frames 1, 2, ...
@@ -704,8 +734,8 @@ def evaluate(model, ctx):
 
 
 def apply_preset(overrides):
-    """Defaults < preset < the command line."""
-    name = overrides.get('preset', preset) or ('small' if pick_device() == 'cuda' else 'tiny')
+    """Defaults < preset < the command line. -> a note on what was chosen, for the first line of the run."""
+    name = overrides.get('preset', preset) or ('small' if devices()[0] == 'cuda' else 'tiny')
     values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(overrides.get('stage', stage), {})}
     notes = [f"no --preset given: {name}" + (" (no GPU here: a few minutes on a CPU; --preset=small or paper for "
                                               "real runs)" if name == 'tiny' else '')] if not overrides.get('preset', preset) else []
@@ -714,15 +744,14 @@ def apply_preset(overrides):
         notes.append(f"the {name} preset's NCA data is NOT the paper's: {now['n_states']} states, gzip band "
                      f"({now['gzip_lower']}, {now['gzip_upper']}), so that a CPU shows in-context learning in minutes "
                      f"(the paper's: --n_states=10 --gzip_lower=0.5)")
-    if notes and int(os.environ.get('RANK', 0)) == 0:
-        print('; '.join(notes))
-    if not (overrides.get('device') or pick_device()).startswith('cuda'):
+    if not (overrides.get('device') or devices()[0]).startswith('cuda'):
         values['compile'] = False  # compiling pays on a GPU only (--compile=true still asks for it)
     globals().update(values, preset=name)
+    return '; '.join(notes)
 
 
 def train():
-    global device, dtype, out_dir, max_iters, lr_decay_iters, warmup_iters, vocab
+    global device, dtype, out_dir, vocab
     # distributed: torchrun sets RANK; one process per GPU (or several on a CPU with gloo)
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
@@ -754,18 +783,7 @@ def train():
     elif init_from != 'scratch':
         source = load_checkpoint(init_from)
     vocab = checkpoint['vocab'] if checkpoint else source['vocab'] if source and stage == 'sft' else stage_vocab()
-
-    # the run's length: updates, or a token budget, or passes over the data
-    if max_tokens:
-        max_iters = -(-max_tokens // tokens_per_iter())
-    elif epochs:  # an epoch: every training rule once (nca), every example once (sft)
-        if stage not in ('nca', 'sft'):
-            die(f"--epochs applies to the nca and sft stages; for {stage} give --max_iters or --max_tokens")
-        n_examples = num_rules if stage == 'nca' else len(sft_examples('train'))
-        max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
-    lr_decay_iters = lr_decay_iters or max_iters
-    if stop_at_peak:
-        warmup_iters = lr_decay_iters = max_iters
+    run_length()
 
     # model: from scratch, resumed, or transferred from another stage's checkpoint
     vocab_size = -(-vocab['size'] // 64) * 64  # padded to a multiple of 64: faster matmuls, the rest unused
@@ -817,7 +835,7 @@ def train():
         print(f"stage {stage}, preset {preset}, {device} {dtype}, {world} process(es); {n_params / 1e6:.2f}M parameters "
               f"({(n_params - 2 * raw_model.wte.weight.numel()) / 1e6:.2f}M without embedding and head)")
         print(f"{max_iters} updates x {tokens_per_iter():,} tokens = {max_iters * tokens_per_iter() / 1e6:,.1f}M tokens, "
-              f"from step {iter_num}; writing to {out_dir}/")
+              f"from step {iter_num}; lr: warm-up {warmup_iters} steps, cosine to step {lr_decay_iters}; writing to {out_dir}/")
         print('config: ' + ' '.join(f"{k}={globals()[k]}" for k in config_keys))
         log = open_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
 
@@ -831,12 +849,15 @@ def train():
                         iter_num=it, best_val_loss=best_val_loss, config={k: globals()[k] for k in config_keys},
                         stage=stage, vocab=vocab, rng=rng)
             atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+        progress['saved'] = it
 
     # the loop
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter()
     peak_flops = peak_flops_per_s(device)
     t_start, t_last, tokens_seen, start_iter = time.time(), time.time(), 0, iter_num
+    progress.update(step=iter_num, saved=iter_num if checkpoint else None)
     while True:
+        progress['step'] = iter_num
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -852,7 +873,8 @@ def train():
                              f" | next-frame acc {stats['next_frame_acc']:.1%} (copying the last frame: "
                              f"{stats['copy_frame_acc']:.1%})")
                 ppl = math.exp(min(stats['val_loss'], 50))
-                print(f"step {iter_num}: val loss {stats['val_loss']:.4f} (ppl {ppl:.2f}){extra}")
+                print(f"step {iter_num}: val loss {stats['val_loss']:.4f} +- {stats['val_loss_se']:.4f} over {eval_iters} "
+                      f"fixed batches (ppl {ppl:.2f}){extra}")
                 log_write(log, dict(step=iter_num, tokens=iter_num * tokens_per_iter(), **stats))
             save(iter_num)
         if iter_num >= max_iters:
@@ -925,9 +947,7 @@ def log_write(log, record):
 
 def peak_flops_per_s(device):
     """bf16 dense peak of the GPU, for MFU; None where unknown."""
-    if not device.startswith('cuda'):
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.startswith('cuda') else 'none'
     return next((f for key, f in [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12),
                                   ('4090', 165e12)] if key in name), None)
 
@@ -1054,6 +1074,8 @@ def show():
     ratios = torch.cat([rule_complexity(rules[i:i + 2048], keys[i:i + 2048]) for i in range(0, num_rules, 2048)])
     filter_rate = num_rules / (time.time() - t0)
     in_band = (gzip_lower < ratios) & (ratios < gzip_upper)
+    if not in_band.any():
+        no_rule_in_band(ratios)
     kept, kept_keys = rules[in_band.to(rules.device)], keys[in_band.to(rules.device)]
 
     color = sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
@@ -1106,8 +1128,6 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-
-
 def die(msg, script='nca_gpt.py'):
     sys.exit(f"{script}: {msg}")
 
@@ -1130,13 +1150,9 @@ def parse_args(argv, config, choices=None, script='nca_gpt.py'):
             die(f"unknown option --{key}; valid options: {', '.join('--' + k for k in config)}", script)
         default = config[key]
         try:
-            if isinstance(default, bool):
-                if val.lower() not in ('true', 'false', '1', '0'):
-                    raise ValueError
-                value = val.lower() in ('true', '1')
-            else:
-                value = type(default)(val)
-        except ValueError:
+            bools = {'true': True, '1': True, 'false': False, '0': False}
+            value = bools[val.lower()] if isinstance(default, bool) else type(default)(val)
+        except (KeyError, ValueError):
             die(f"--{key}={val} is not a valid {type(default).__name__}", script)
         if key in choices and value not in choices[key]:
             die(f"--{key}={val} is not one of: {', '.join(c or repr(c) for c in choices[key])}", script)
@@ -1145,21 +1161,64 @@ def parse_args(argv, config, choices=None, script='nca_gpt.py'):
 
 
 def configure(argv):
-    """Apply a preset, then the command line, to the config at the top of this file."""
+    """Apply a preset, then the command line, to the config at the top of this file. -> the preset's note."""
+    global schedule_shares
     overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, CHOICES)
     if rest:
         die(f"unexpected argument {rest[0]!r}: options look like --key=value")
-    if overrides.get('stage', stage) != 'show':
-        apply_preset(overrides)
-    globals().update(overrides)
+    lengths = [k for k in ('max_iters', 'max_tokens', 'epochs') if k in overrides]
+    if len(lengths) > 1:
+        die(f"--{lengths[0]} and --{lengths[1]} both set the run's length: give one")
+    note = apply_preset(overrides) if overrides.get('stage', stage) != 'show' else ''
+    # the run's length from the command line beats the preset's epochs, and the preset's warm-up and decay
+    # follow it (unless given too): they are kept as shares of the preset's length (README: Presets)
+    schedule_shares = {k: globals()[k] / max(max_iters, 1) for k in ('warmup_iters', 'lr_decay_iters') if k not in overrides}
+    globals().update({'epochs': 0.0} if lengths else {}, **overrides)
+    return note
 
 
-def pick_device():
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
+def check_config():
+    """Every bad value is a one-line error here, before any work starts."""
+    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
+            'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'gzip_frames', 'num_rules', 'num_val_rules', 'dyck_k', 'dyck_depth')
+    for k in ones + ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
+                     'weight_decay', 'grad_clip', 'burn_in', 'temperature', 'rule_resample', 'dropout', 'dyck_p_open'):
+        if globals()[k] < (k in ones):
+            die(f"--{k}={globals()[k]} must be " + ('at least 1' if k in ones else '0 or more'))
+    check_device(device)
+    heads = ', '.join(str(h) for h in range(1, n_embd // 2 + 1) if n_embd % (2 * h) == 0)
+    for bad, message in [
+            (n_states < 2, f"--n_states={n_states}: a cell needs at least 2 states to change"),
+            (grid % patch, f"--grid={grid} is not a multiple of --patch={patch}: a frame is (grid / patch)^2 patches "
+                           f"(e.g. --grid={grid - grid % patch or patch})"),
+            (patch * patch * math.log(n_states) > math.log(2 ** 16) + 1e-9, f"--n_states={n_states} with --patch={patch} "
+             f"gives {n_states}^{patch * patch} patch tokens, over 2^16: 2x2 patches take up to 16 states (10: 10^4 tokens), "
+             f"3x3 up to 3, 4x4 only 2"),
+            (n_embd % n_head or n_embd // n_head % 2, f"--n_embd={n_embd} is not --n_head={n_head} heads of an even "
+                                                       f"width (rotary positions turn pairs): --n_head can be {heads}"),
+            (stage == 'nca' and block_size < 2 * frame_len() - 1, f"--block_size={block_size} is shorter than two frames "
+             f"of {frame_len()} tokens (the first is context only): give at least {2 * frame_len() - 1}"),
+            (gzip_lower >= gzip_upper, f"the band --gzip_lower={gzip_lower} --gzip_upper={gzip_upper} is empty: the "
+                                       "lower bound must be below the upper"),
+            (dropout >= 1 or dyck_p_open > 1, "--dropout must be below 1 and --dyck_p_open at most 1"),
+            (epochs and stage not in ('nca', 'sft'), "--epochs applies to the nca and sft stages: give --max_iters or "
+                                                     "--max_tokens")]:
+        if bad:
+            die(message)
+    if stage in ('lm', 'sft'):
+        data_file('train'), data_file('val')
+
+
+def check_device(name, script='nca_gpt.py'):
+    if name not in devices():
+        die(f"--device={name} is not available on this machine (it has {', '.join(devices())}): leave --device out "
+            f"to use {devices()[0]}", script)
+
+
+def devices():
+    """What --device can name on this machine, the best first."""
+    cuda = [f'cuda:{i}' for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ['cuda'] * bool(cuda) + ['mps'] * torch.backends.mps.is_available() + ['cpu'] + cuda
 
 
 def auto_band():
@@ -1183,14 +1242,22 @@ def auto_band():
 
 def main(argv):
     global device
-    configure(argv)
-    device = device or pick_device()
+    note = configure(argv)
+    device = device or devices()[0]
+    check_config()
+    if note and int(os.environ.get('RANK', 0)) == 0:
+        print(note)
     if band == 'auto':
         auto_band()
-    if stage == 'show':
-        show()
-    else:
-        train()
+    try:
+        show() if stage == 'show' else train()
+    except KeyboardInterrupt:  # Ctrl-C: one line on where to go on (a checkpoint is written whole or not at all)
+        saved = progress.get('saved')
+        if int(os.environ.get('RANK', 0)) == 0:
+            print("nca_gpt.py: interrupted" + (f" at step {progress['step']}; " + (f"{out_dir}/ckpt.pt holds step {saved}: "
+                  "add --init_from=resume to continue from it" if saved is not None else "no checkpoint yet")
+                  if progress else ''), file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -63,7 +63,7 @@ humaneval_commit = '6d43fb980f9fee3c892a914eda09951f772ad10d'
 allow_unpinned = False  # accept a GSM8K or HumanEval file whose sha256 is not the pinned one (another version)
 retries = 6             # per download, with back-off 1, 2, 4, ... s
 timeout = 60.0          # seconds without data before a retry
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 
 
@@ -97,7 +97,7 @@ def retrying(url, label, attempt):
             if getattr(e, 'errno', None) == errno.ENOSPC:
                 die(f"the disk is full while writing {label}: free some space and rerun (the download resumes)")
             if i == retries:
-                die(f"giving up on {url} after {retries + 1} tries: {e}")
+                die(f"giving up on {url} after {retries + 1} tries: {e}{mirror_hint(url)}")
             print(f"  {label}: {e}; retrying in {2 ** i}s")
             time.sleep(2 ** i)
 
@@ -567,6 +567,13 @@ def bbl_examples(task, fetch):
             examples.append(dict(task=task, subtask=subtask, input=ex['input'], choices=list(scores),
                                  targets=[targets] if isinstance(targets, str) else list(targets)))
     return examples
+
+
+def mirror_hint(url):
+    """Where the network is blocked or offline: the option that points this address at a mirror."""
+    flag = next((f for f, base in [('github_api', github_api), ('github_base', github_base), ('hf_base', hf_base)]
+                 if url.startswith(base)), None)
+    return f" (offline, or the site blocked? --{flag}=URL fetches from a mirror)" if flag else ''
 
 
 CORPORA = ['openwebtext', 'c4', 'codeparrot', 'openwebmath', 'pystdlib']

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
             if 'slow' in item.keywords:
                 item.add_marker(pytest.mark.skip(reason='slow: run with `python -m pytest -q tests --slow`'))
 
-# tiktoken cannot download here: use the GPT-2 ranks that shared/ holds (see DEVELOPERS.md)
+# offline, tiktoken cannot download GPT-2's ranks: use ../shared/tiktoken-cache when it is there (README: Installing)
 _cache = os.path.join(ROOT, '..', 'shared', 'tiktoken-cache')
 if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(_cache):
     os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(_cache)

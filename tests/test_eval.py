@@ -246,10 +246,12 @@ def run_eval(*args, cwd):
     ('bbl', ['--n=2'], 'normalised pass@2'),
 ])
 def test_benchmark_end_to_end(bench_dir, task, extra, score):
-    out = bench_dir / f'{task}.json'
+    (bench_dir / 'elsewhere').mkdir()
     p = run_eval(task, f'--ckpt={bench_dir / "ckpt.pt"}', f'--data_dir={bench_dir / "data"}', '--max_new_tokens=8',
-                 '--limit=3', f'--out={out}', *extra, cwd=bench_dir)
+                 '--limit=3', *extra, cwd=bench_dir / 'elsewhere')
     assert p.returncode == 0, p.stderr[-3000:]
+    out = bench_dir / f'eval-{task}.json'  # beside the checkpoint, not in the current directory
+    assert os.listdir(bench_dir / 'elsewhere') == [] and f'wrote {out}' in p.stdout
     result = json.loads(out.read_text())
     assert 0.0 <= result['scores'][score] <= 1.0 and result['seed'] == 1337 and result['checkpoint'].endswith('ckpt.pt')
     assert score in p.stdout
@@ -266,6 +268,13 @@ def test_humaneval_scores_a_samples_file(bench_dir):
     assert f"eval.py: sandbox: {result['settings']['sandbox']} (" in p.stderr  # said, and recorded
     scores = result['scores']
     assert scores == {'pass@1': pytest.approx((0.5 + 0.0) / 2), 'pass@2': pytest.approx((1.0 + 0.0) / 2)}
+
+
+def test_generation_fits_the_context_and_prompts_stay_whole(capsys):
+    assert ev.fit_to_context([[1] * 10, [1] * 30], 25, 40) == [25, 10]
+    assert '1 of 2 prompts leave less than --max_new_tokens=25' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='the prompt of problem 1 is 40 tokens, the model.s whole context is 40'):
+        ev.fit_to_context([[1] * 10, [1] * 40], 8, 40)
 
 
 def test_padding_ids_are_never_sampled(tiny_model):

@@ -187,19 +187,6 @@ def test_show_writes_json(tmp_path):
     assert abs(stats['acceptance'] - np.mean([0.5 < r < 1.0 for r in stats['gzip_ratios']])) < 1e-9
 
 
-@pytest.mark.parametrize('args,message', [
-    (['--stage=nope'], 'is not one of: show'),
-    (['--nope=1'], 'unknown option --nope; valid options:'),
-    (['--num_rules', 'many'], '--num_rules=many is not a valid int'),
-    (['--num_rules'], '--num_rules needs a value'),
-    (['stage'], 'unexpected argument'),
-])
-def test_bad_options_are_one_line_errors(args, message):
-    p = run_script(*args)
-    assert p.returncode != 0 and message in p.stderr and 'Traceback' not in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
-
-
 def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
     """Every draw (rule weights, initial grids, rollout noise, order, sequences) hashes a key of its own:
     a key that feeds two calls would make two supposedly independent things functions of each other."""

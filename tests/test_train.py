@@ -1,6 +1,7 @@
 """The GPT and the training loop: learning, transfer, resume, torchrun, config, sft. CPU, offline."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,7 +45,8 @@ def test_loss_falls_on_nca_data(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    args = [*FAST, '--stage=nca', '--dropout=0.1', '--eval_interval=3']
+    # the schedule given: a run's own warm-up and decay would follow its --max_iters (5, then 8)
+    args = [*FAST, '--stage=nca', '--dropout=0.1', '--eval_interval=3', '--warmup_iters=2', '--lr_decay_iters=8']
     run(*args, '--max_iters=8', f'--out_dir={tmp_path / "straight"}')
     run(*args, '--max_iters=5', f'--out_dir={tmp_path / "split"}')
     run(*args, '--max_iters=8', f'--out_dir={tmp_path / "split"}', '--init_from=resume')
@@ -238,6 +240,36 @@ def test_sft_masks_the_prompt(nca, tmp_path):
 def test_clear_errors(tmp_path, args, message):
     p = run(*FAST, *args, f'--out_dir={tmp_path}', f'--data_dir={tmp_path}', check=False)
     assert p.returncode != 0 and message in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+
+
+def test_ctrl_c_says_where_to_resume(tmp_path):
+    args = [*FAST, '--stage=nca', '--max_iters=100000', '--eval_interval=4', f'--out_dir={tmp_path}']
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'nca_gpt.py'), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    for line in p.stdout:
+        if line.startswith('step 6 |'):  # after the checkpoint of step 4
+            p.send_signal(signal.SIGINT)
+            break
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 130 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    step = int(err.split('holds step ')[1].split(':')[0])
+    assert step in (4, 8) and err.startswith('nca_gpt.py: interrupted at step ') and 'add --init_from=resume' in err
+    p = run(*args[:-3], f'--max_iters={step + 1}', '--eval_interval=4', f'--out_dir={tmp_path}', '--init_from=resume')
+    assert f'from step {step}' in p.stdout and max(train_losses(tmp_path)) == step + 1
+
+
+@pytest.mark.parametrize('args,want', [
+    (['--stage=nca'], (1000, 50, 1000)),                                    # the tiny preset's nca schedule
+    (['--stage=nca', '--max_iters=4000'], (4000, 200, 4000)),               # the same shares of a longer run
+    (['--stage=nca', '--max_iters=4000', '--warmup_iters=10'], (4000, 10, 4000)),  # a flag given wins
+    (['--stage=lm', '--preset=paper', '--max_iters=24000'], (24000, 2400, 24000)),
+    (['--stage=lm', '--max_tokens=20480'], (10, 1, 10)),                    # 20,480 / (8 x 256) = 10 updates
+    (['--stage=sft', '--max_iters=7'], (7, 1, 7)),                          # not the preset's 1 epoch
+])
+def test_the_schedule_follows_the_length(nca, args, want):
+    nca.configure(['--preset=tiny', *args])
+    nca.run_length()
+    assert (nca.max_iters, nca.warmup_iters, nca.lr_decay_iters) == want
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
