@@ -3,8 +3,8 @@
     python tests/bench_nca.py [--batch_sizes=32,256] [--filter_rules=2048]
 
 Prints tokens/s of generation + tokenisation of 1024-token sequences and rules/s of the gzip filter, on
-the CPU and on CUDA when present. Reference, measured by the issue's author on the 2-core CPU: the
-authors' JAX generator, 69k tokens/s and 37 rules/s.
+the CPU and on CUDA when present. Against the authors' JAX generator, side by side on one pinned core:
+`bash ../shared/peer/speed.sh` (the 69k tokens/s and 37 rules/s quoted earlier timed JAX compiling).
 """
 import os
 import sys
