@@ -42,10 +42,13 @@ def test_compiled_training_matches_eager_and_resumes(nca, tmp_path, monkeypatch)
     train(nca, *args, '--max_iters=6', '--compile=true', '--init_from=resume', f'--out_dir={tmp_path / "compiled"}')
     eager, compiled = train_losses(tmp_path / 'eager'), train_losses(tmp_path / 'compiled')
     assert list(compiled) == list(eager) == [1, 2, 3, 4, 5, 6]  # steps 5 and 6 after the resume
-    # inductor fuses and reorders sums: measured differences are ~1e-6; an update at this lr moves the loss ~1e-2
-    assert all(abs(compiled[k] - eager[k]) < 1e-4 for k in eager), (eager, compiled)
+    # the same weights give the same loss to ~1e-6 (inductor fuses and reorders sums): step 1 and the first evaluation.
+    # After that Adam turns ~1e-6 differences of near-zero gradients (rare patch tokens) into whole steps of size lr:
+    # measured drift up to 3e-3 by step 6 (2-core EPYC, 2026-11-28), so later steps get 1e-2, a few updates' worth
     ev, cv = val_losses(tmp_path / 'eager'), val_losses(tmp_path / 'compiled')
-    assert list(cv) == list(ev) == [0, 4, 6] and all(abs(cv[k] - ev[k]) < 1e-4 for k in ev), (ev, cv)
+    assert abs(compiled[1] - eager[1]) < 1e-5 and abs(cv[0] - ev[0]) < 1e-5, (eager, compiled, ev, cv)
+    assert all(abs(compiled[k] - eager[k]) < 1e-2 for k in eager), (eager, compiled)
+    assert list(cv) == list(ev) == [0, 4, 6] and all(abs(cv[k] - ev[k]) < 1e-2 for k in ev), (ev, cv)
 
 
 def test_bf16_autocast_runs_and_its_checkpoint_is_fp32(nca, tmp_path, lm_data):
