@@ -112,7 +112,7 @@ PRESETS = {
              'nca': dict(n_states=2, gzip_lower=0.1, block_size=512, batch_size=4, max_iters=1000, warmup_iters=50,
                          lr_decay_iters=1000, eval_interval=250, eval_iters=8, log_interval=50),
              'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
-    # one GPU: GPT-2 small's shape (85M parameters without embeddings) on the paper's 164M NCA tokens
+    # one GPU: GPT-2 small's depth and width (113M parameters without embedding and head) on the paper's 164M NCA tokens
     'small': {'all': dict(n_layer=12, n_head=12, n_embd=768, beta2=0.95, compile=True, eval_interval=500),
               'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
               'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
