@@ -1,5 +1,6 @@
 """
-Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BIG-bench Lite.
+Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BIG-bench Lite; compare runs, watch
+an NCA model.
 
     python eval.py ppl --ckpt=out-lm/ckpt.pt --datasets=openwebtext,openwebmath
     python eval.py gsm8k --ckpt=out-sft/ckpt.pt              # the paper's protocol: 3 shots, 32 samples at T 0.6
@@ -8,6 +9,7 @@ Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BI
     python eval.py humaneval --samples=samples.jsonl         # score completions made by any model
     python eval.py bbl --ckpt=out-sft/ckpt.pt                # 19 BIG-bench Lite tasks, 2 shots, pass@k for chance
     python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # runs' log.jsonl, arms over seeds
+    python eval.py watch --ckpt=out-nca                      # an NCA model's predictions on held-out rules, by frame
 
 Data comes from prepare_data.py (data/NAME/). Every run prints a table and writes a JSON (--out) with the
 numbers, the checkpoint, the settings and the seed. Samples are drawn in batches with a key/value cache: the
@@ -82,13 +84,13 @@ sandbox = 'auto'        # humaneval: auto (bwrap where it starts, else the guard
 out = ''                # JSON of the results ('' = eval-TASK.json beside the checkpoint, or here without one)
 runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (an arm's runs are its seeds)
 baseline = ''           # compare: the arm the others are measured against ('' = the first)
-png = ''                # compare: also plot validation loss against tokens here (needs matplotlib)
+png = ''                # compare: also plot validation loss against tokens here (needs matplotlib); watch: the picture
 seed = 1337
 device = ''
 dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
-TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare']
+TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'watch']
 vocab = dict(kind='gpt2', size=50257)  # load_model sets the checkpoint's: kind gpt2 | bytes; the embedding pads past size
 PROTOCOL = {  # n, temperature, top_p, max_new_tokens, stop strings
     'gsm8k': (32, 0.6, 1.0, 250, ['\n\nQuestion:', 'Question:']),
@@ -105,11 +107,15 @@ def die(msg):
 # =============================================================================
 # Model and sampling
 # =============================================================================
+def ckpt_file():
+    if not ckpt:
+        die("give --ckpt=PATH (a checkpoint of nca_gpt.py, or the out_dir that holds it)")
+    return os.path.join(ckpt, 'ckpt.pt') if os.path.isdir(ckpt) else ckpt
+
+
 def load_model():
     global vocab
-    path = os.path.join(ckpt, 'ckpt.pt') if os.path.isdir(ckpt) else ckpt
-    if not path:
-        die("give --ckpt=PATH (a checkpoint of nca_gpt.py)")
+    path = ckpt_file()
     checkpoint = nca_gpt.load_checkpoint(path)
     vocab = checkpoint['vocab']
     if vocab['kind'] not in ('gpt2', 'bytes'):
@@ -402,7 +408,7 @@ def check_inputs(task):
     """The files a task reads exist: checked before the model is loaded, each miss one line on what to run."""
     if task == 'humaneval' and samples and not os.path.exists(samples):
         die(f"no {samples}: --samples names a jsonl of {{task_id, completion}} rows, as openai/human-eval writes them")
-    for name in datasets.split(',') if task == 'ppl' else [task] if task != 'compare' else []:
+    for name in datasets.split(',') if task == 'ppl' else [task] if task not in ('compare', 'watch') else []:
         meta = os.path.join(data_dir, name, 'meta.json')
         if not os.path.exists(meta):
             die(f"no {meta}: run `python prepare_data.py {name}` first")
@@ -591,6 +597,78 @@ def eval_bbl(model):
 
 
 # =============================================================================
+# Watching an NCA model infer a rule in context
+# =============================================================================
+def write_png(path, image):
+    """image (H, W, 3) uint8 -> a PNG file, with zlib alone (no imaging library needed)."""
+    import struct
+    import zlib
+    chunk = lambda kind, data: (struct.pack('>I', len(data)) + kind + data  # noqa: E731
+                                + struct.pack('>I', zlib.crc32(kind + data)))
+    H, W, _ = image.shape
+    rows = b''.join(b'\x00' + image[y].tobytes() for y in range(H))  # filter type 0 per row
+    data = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', W, H, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
+    atomic_write(path, lambda tmp: open(tmp, 'wb').write(data))
+
+
+@torch.no_grad()
+def eval_watch(_, n_rules=3, n_summary=32):
+    """eval.py watch: an NCA checkpoint's model reads a held-out rule's trajectory and predicts each patch from all the
+    tokens before it (teacher forcing, argmax). Drawn for n_rules rules: the true frames, then the predicted ones
+    with the wrong cells marked; per frame the patch accuracy, and that of copying the previous frame. Then the
+    accuracy by frame over n_summary rules."""
+    path = ckpt_file()
+    checkpoint = nca_gpt.load_checkpoint(path)
+    if checkpoint['stage'] != 'nca':
+        die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: watch draws the predictions of an nca one")
+    g = nca_gpt  # its NCA data, as the model was trained on it: held-out rules of the same settings and seed
+    for k in ('seed', 'grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper',
+              'gzip_frames', 'num_val_rules', 'block_size'):
+        setattr(g, k, checkpoint['config'][k])
+    g.device, grid = device, g.grid
+    model = GPT(**checkpoint['model_args'])
+    model.load_state_dict(checkpoint['model'])
+    model.to(device).eval()
+    x, _ = g.nca_batch('val', 0, n_summary)                              # (R, T): held-out rules
+    L, V = g.frame_len(), g.n_states ** (g.patch * g.patch)
+    n = x.size(1) // L                                                    # whole frames in the context
+    logits, _ = model(x)
+    pred = x.clone()
+    pred[:, 1:] = torch.where(x[:, 1:] < V, logits[:, :-1, :V].argmax(-1), x[:, 1:])  # patches predicted
+    true_f, pred_f = (g.detokenize(t[:, :n * L], g.n_states, g.patch, grid) for t in (x, pred))  # (R, n, S, S)
+    patches = lambda t: t[:, :n * L].view(-1, n, L)[..., 1:-1]  # noqa: E731   (R, n, patches per frame)
+    acc = (patches(pred) == patches(x)).float().mean(-1)                  # (R, n)
+    copy = (patches(x)[:, :-1] == patches(x)[:, 1:]).float().mean(-1)     # (R, n - 1): frame f from f - 1
+    cols = sorted({1, 2, 3, max(1, n // 2), n - 1}) if n > 5 else list(range(1, n))
+    color = sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
+    print(f"{path}: step {checkpoint['iter_num']}; {n_rules} held-out rules, frames {', '.join(map(str, cols))} of "
+          f"{n - 1} predicted ({'><' if color else '*'} = a wrong cell; accuracy over patches, copy = the previous frame's)")
+    for r in range(n_rules):
+        print(f"\nrule {r}: true frames\n" + '\n'.join(g.draw_frames(true_f[r, cols], color)))
+        print("model's prediction\n" + '\n'.join(g.draw_frames(pred_f[r, cols], color, pred_f[r, cols] != true_f[r, cols])))
+        print('   '.join(f"{acc[r, c]:>4.0%} copy {copy[r, c - 1]:>4.0%}".ljust(2 * grid) for c in cols))
+    print(f"\nover {n_summary} held-out rules, patch accuracy of frames 1-{n - 1}: "
+          f"{' '.join(f'{v:.0%}' for v in acc[:, 1:].mean(0).tolist())}; copying: "
+          f"{' '.join(f'{v:.0%}' for v in copy.mean(0).tolist())}")
+    if png:  # rows: per rule, true then predicted (wrong cells crossed in black); 8 pixels a cell
+        rgb = torch.tensor(g.RGB, dtype=torch.uint8)
+        tiles = torch.stack([true_f[:n_rules, cols], pred_f[:n_rules, cols]], 1)  # (R, 2, C, S, S)
+        img = rgb[tiles.clamp_max(len(g.RGB) - 1).cpu()]               # (R, 2, C, S, S, 3)
+        img = img.repeat_interleave(8, 3).repeat_interleave(8, 4)         # (R, 2, C, 8S, 8S, 3)
+        dot = torch.zeros(8, 8, dtype=torch.bool)
+        dot[2:6, 2:6] = True                                              # a black dot marks a wrong cell
+        bad = (tiles[:, 1] != tiles[:, 0]).cpu().repeat_interleave(8, 2).repeat_interleave(8, 3) & dot.repeat(grid, grid)
+        img[:, 1][bad] = 0
+        img = F.pad(img.permute(0, 1, 2, 5, 3, 4), (4, 4, 4, 4), value=255).permute(0, 1, 4, 2, 5, 3)  # (R, 2, H, C, W, 3)
+        write_png(png, img.reshape(n_rules * 2 * (8 * grid + 8), len(cols) * (8 * grid + 8), 3).numpy())
+        print(f"wrote {png}")
+    return dict(scores={'next-frame acc, last frame': acc[:, -1].mean().item(), 'copy acc, last frame': copy[:, -1].mean().item()},
+                frame_acc=acc[:, 1:].mean(0).tolist(), copy_acc=copy.mean(0).tolist(), rules=n_summary)
+
+
+
+# =============================================================================
 # Comparing runs as the paper does: final perplexity, and the tokens needed to reach the baseline's
 # =============================================================================
 def val_curve(out_dir):
@@ -698,11 +776,12 @@ def main(argv):
     dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
     check_inputs(task)
     torch.manual_seed(seed)
-    model, path = (None, None) if task == 'compare' or (task == 'humaneval' and samples) else load_model()
+    model, path = (None, None) if task in ('compare', 'watch') or (task == 'humaneval' and samples) else load_model()
+    path = ckpt_file() if task == 'watch' else path
     out = out or os.path.join(os.path.dirname(path or ''), f'eval-{task}.json')
     t0 = time.time()
     result = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl,
-              'compare': eval_compare}[task](model)
+              'compare': eval_compare, 'watch': eval_watch}[task](model)
     if task == 'ppl':
         result = dict(scores={f"{k} {m}": v[m] for k, v in result.items() for m in ('ppl', 'bits_per_byte')}, datasets=result)
     result.update(task=task, checkpoint=path, seed=seed, seconds=time.time() - t0,

@@ -94,18 +94,14 @@ dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, f
 compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
 # --stage show
 json = ''               # also write the statistics to this path
-ckpt = ''               # an NCA checkpoint: draw its predictions of held-out rules beside the true frames
-png = ''                # with ckpt: also write that picture to this PNG file
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 
 # Presets set many values at once: defaults < preset ('all', then the stage's) < the command line.
 PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4, weight_decay=1e-4, min_lr=0.0,
                 max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
 PRESETS = {
-    # any CPU, a few minutes: every stage end to end, small enough that the loss visibly falls. Its NCA data is
-    # not the paper's: with 10 states (10^4 patch tokens) a CPU's few minutes teach a model next to nothing, while
-    # 2 states (16 tokens), the complex third of their rules and 13 frames a sequence show the rule inferred in
-    # context (README: both runs side by side)
+    # any CPU, a few minutes: every stage end to end. Its NCA data is not the paper's (README: both side by side):
+    # 10 states (10^4 tokens) teach little in minutes; 2 states in 13 frames show the rule inferred in context
     'tiny': {'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
                          learning_rate=3e-3, min_lr=3e-4, beta2=0.95, max_iters=300, warmup_iters=30, lr_decay_iters=300,
                          eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000, num_val_rules=200),
@@ -465,7 +461,8 @@ def sft_examples(split):
     if (path, kind) not in _sft_cache:
         encode, _, eot = text_codec(kind)
         rows = [jsonlib.loads(line) for line in open(path) if line.strip()]
-        _sft_cache[path, kind] = [(encode(r['prompt']) + encode(r['answer']) + [eot], len(encode(r['prompt']))) for r in rows]
+        prompts = [encode(r['prompt']) for r in rows]
+        _sft_cache[path, kind] = [(p + encode(r['answer']) + [eot], len(p)) for p, r in zip(prompts, rows)]
     return _sft_cache[path, kind]
 
 
@@ -739,7 +736,7 @@ def apply_preset(overrides):
     values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(overrides.get('stage', stage), {})}
     notes = [f"no --preset given: {name}" + (" (no GPU here: a few minutes on a CPU; --preset=small or paper for "
                                               "real runs)" if name == 'tiny' else '')] if not overrides.get('preset', preset) else []
-    if any(k in values and k not in overrides for k in ('n_states', 'gzip_lower')):
+    if any(k in values and k not in overrides for k in ('n_states', 'gzip_lower')) and 'band' not in overrides:
         now = {**globals(), **values, **overrides}
         notes.append(f"the {name} preset's NCA data is NOT the paper's: {now['n_states']} states, gzip band "
                      f"({now['gzip_lower']}, {now['gzip_upper']}), so that a CPU shows in-context learning in minutes "
@@ -953,12 +950,9 @@ def peak_flops_per_s(device):
 
 
 def memory_needed(model, act_bytes):
-    """A rough estimate of the bytes a training step takes on its device (tests/test_gpu_paths.py holds it
-    within 2x of a measured peak): weights, gradients and AdamW's two moments in fp32 (16 bytes a parameter),
-    plus what one micro-step keeps for the backward pass, per token: in each layer about 27 x width values in the
-    compute dtype (the matmuls' inputs, q, k, v, SwiGLU's gate and up) and 2 x width in fp32 (the norms' inputs);
-    the logits in the compute dtype and twice in fp32 (the loss's input, then its gradient). Temporaries and the
-    allocator's slack come on top."""
+    """Rough bytes of a training step (tests hold it within 2x of a measured peak): 16 a parameter (fp32 weights,
+    gradients, AdamW's two moments); per token, what backward keeps: ~27 x width per layer in the compute dtype (the
+    matmuls' inputs, q, k, v, SwiGLU's gate and up) plus 2 x width in fp32 (the norms'), and the logits 3 times."""
     C, V = model.wte.embedding_dim, model.head.out_features
     per_token = model.n_layer * C * (27 * act_bytes + 8) + V * (act_bytes + 8)
     return 16 * sum(p.numel() for p in model.parameters()) + batch_size * block_size * per_token
@@ -994,69 +988,6 @@ def draw_frames(frames, color, wrong=None):
             for rows, bads in zip(frames.transpose(0, 1).tolist(), wrong.transpose(0, 1).tolist())]
 
 
-def write_png(path, image):
-    """image (H, W, 3) uint8 -> a PNG file, with zlib alone (no imaging library needed)."""
-    import struct
-    import zlib
-    chunk = lambda kind, data: (struct.pack('>I', len(data)) + kind + data  # noqa: E731
-                                + struct.pack('>I', zlib.crc32(kind + data)))
-    H, W, _ = image.shape
-    rows = b''.join(b'\x00' + image[y].tobytes() for y in range(H))  # filter type 0 per row
-    data = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', W, H, 8, 2, 0, 0, 0))
-            + chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
-    atomic_write(path, lambda tmp: open(tmp, 'wb').write(data))
-
-
-@torch.no_grad()
-def watch(path, n_rules=3, n_summary=32):
-    """--stage show --ckpt: the model reads a held-out rule's trajectory and predicts each patch from all the
-    tokens before it (teacher forcing, argmax). Drawn for n_rules rules: the true frames, then the predicted ones
-    with the wrong cells marked; per frame the patch accuracy, and that of copying the previous frame. Then the
-    accuracy by frame over n_summary rules."""
-    checkpoint = load_checkpoint(path)
-    if checkpoint['stage'] != 'nca':
-        die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: --ckpt draws the predictions of an nca one")
-    globals().update({k: checkpoint['config'][k] for k in ('seed', 'grid', 'n_states', 'patch', 'temperature',
-                      'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper', 'gzip_frames', 'num_val_rules',
-                      'block_size')})  # the data the model was trained on
-    model = GPT(**checkpoint['model_args'])
-    model.load_state_dict(checkpoint['model'])
-    model.to(device).eval()
-    x, _ = nca_batch('val', 0, n_summary)                                # (R, T): held-out rules
-    L, V = frame_len(), n_states ** (patch * patch)
-    n = x.size(1) // L                                                    # whole frames in the context
-    logits, _ = model(x)
-    pred = x.clone()
-    pred[:, 1:] = torch.where(x[:, 1:] < V, logits[:, :-1, :V].argmax(-1), x[:, 1:])  # patches predicted
-    true_f, pred_f = (detokenize(t[:, :n * L], n_states, patch, grid) for t in (x, pred))  # (R, n, S, S)
-    patches = lambda t: t[:, :n * L].view(-1, n, L)[..., 1:-1]  # noqa: E731   (R, n, patches per frame)
-    acc = (patches(pred) == patches(x)).float().mean(-1)                  # (R, n)
-    copy = (patches(x)[:, :-1] == patches(x)[:, 1:]).float().mean(-1)     # (R, n - 1): frame f from f - 1
-    cols = sorted({1, 2, 3, max(1, n // 2), n - 1}) if n > 5 else list(range(1, n))
-    color = sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
-    print(f"{path}: step {checkpoint['iter_num']}; {n_rules} held-out rules, frames {', '.join(map(str, cols))} of "
-          f"{n - 1} predicted ({'><' if color else '*'} = a wrong cell; accuracy over patches, copy = the previous frame's)")
-    for r in range(n_rules):
-        print(f"\nrule {r}: true frames\n" + '\n'.join(draw_frames(true_f[r, cols], color)))
-        print("model's prediction\n" + '\n'.join(draw_frames(pred_f[r, cols], color, pred_f[r, cols] != true_f[r, cols])))
-        print('   '.join(f"{acc[r, c]:>4.0%} copy {copy[r, c - 1]:>4.0%}".ljust(2 * grid) for c in cols))
-    print(f"\nover {n_summary} held-out rules, patch accuracy of frames 1-{n - 1}: "
-          f"{' '.join(f'{v:.0%}' for v in acc[:, 1:].mean(0).tolist())}; copying: "
-          f"{' '.join(f'{v:.0%}' for v in copy.mean(0).tolist())}")
-    if png:  # rows: per rule, true then predicted (wrong cells crossed in black); 8 pixels a cell
-        rgb = torch.tensor(RGB, dtype=torch.uint8)
-        tiles = torch.stack([true_f[:n_rules, cols], pred_f[:n_rules, cols]], 1)  # (R, 2, C, S, S)
-        img = rgb[tiles.clamp_max(len(PALETTE) - 1).cpu()]               # (R, 2, C, S, S, 3)
-        img = img.repeat_interleave(8, 3).repeat_interleave(8, 4)         # (R, 2, C, 8S, 8S, 3)
-        dot = torch.zeros(8, 8, dtype=torch.bool)
-        dot[2:6, 2:6] = True                                              # a black dot marks a wrong cell
-        bad = (tiles[:, 1] != tiles[:, 0]).cpu().repeat_interleave(8, 2).repeat_interleave(8, 3) & dot.repeat(grid, grid)
-        img[:, 1][bad] = 0
-        img = F.pad(img.permute(0, 1, 2, 5, 3, 4), (4, 4, 4, 4), value=255).permute(0, 1, 4, 2, 5, 3)  # (R, 2, H, C, W, 3)
-        write_png(png, img.reshape(n_rules * 2 * (8 * grid + 8), len(cols) * (8 * grid + 8), 3).numpy())
-        print(f"wrote {png}")
-
-
 def zipf_stats(tokens):
     """Token frequency against rank; the slope of log frequency over log rank (Zipf: about -1)."""
     counts = np.sort(np.bincount(tokens.ravel()))[::-1]
@@ -1067,12 +998,9 @@ def zipf_stats(tokens):
 
 
 def show():
-    if ckpt:
-        return watch(ckpt)
-    t0 = time.time()
+    """Four automata of the band, and the statistics of the filter (its speed: tests/bench_nca.py)."""
     keys, rules = candidate_rules('train', 0, 0, num_rules)
     ratios = torch.cat([rule_complexity(rules[i:i + 2048], keys[i:i + 2048]) for i in range(0, num_rules, 2048)])
-    filter_rate = num_rules / (time.time() - t0)
     in_band = (gzip_lower < ratios) & (ratios < gzip_upper)
     if not in_band.any():
         no_rule_in_band(ratios)
@@ -1090,25 +1018,20 @@ def show():
     shares = {f"{lo}-{hi}": float(((lo < ratios) & (ratios < hi)).float().mean()) for lo, hi in bands}
     print(f"\ngzip ratio of {num_rules} candidate rules: quantiles 10/25/50/75/90% = {' / '.join(f'{v:.3f}' for v in q)}")
     print("share per band: " + ', '.join(f"{k} {v:.1%}" for k, v in shares.items()))
-    print(f"band ({gzip_lower}, {gzip_upper}) accepts {in_band.float().mean():.1%}; "
-          f"filter speed {filter_rate:,.0f} candidate rules/s")
+    print(f"band ({gzip_lower}, {gzip_upper}) accepts {in_band.float().mean():.1%}")
 
-    t0, B = time.time(), min(256, len(kept))
+    B = min(256, len(kept))
     seq = nca_sequences(kept[:B], make_key(kept_keys[:B], SEQUENCES))
-    gen_rate = seq.numel() / (time.time() - t0)
-    patches = seq[seq < n_states ** (patch * patch)].cpu().numpy()
-    freqs, slope = zipf_stats(patches)
-    print(f"\ntoken frequency by rank over {B} sequences ({len(freqs)} distinct patch tokens), Zipf slope {slope:.2f}:")
-    for rank in [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]:
-        if rank <= len(freqs):
-            print(f"  rank {rank:>5}: {freqs[rank - 1]:8.4%} " + '#' * max(1, int(40 + 8 * math.log10(freqs[rank - 1]))))
-    print(f"generation + tokenisation: {gen_rate:,.0f} tokens/s on {device}")
+    freqs, slope = zipf_stats(seq[seq < n_states ** (patch * patch)].cpu().numpy())
+    print(f"token frequency by rank over {B} sequences ({len(freqs)} distinct patch tokens, Zipf slope {slope:.2f}): "
+          + ', '.join(f"{r}: {freqs[r - 1]:.3%}" for r in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+                      if r <= len(freqs)))
 
     if json:
         stats = dict(num_rules=num_rules, seed=seed, device=device, band=[gzip_lower, gzip_upper],
                      quantiles=dict(zip(['p10', 'p25', 'p50', 'p75', 'p90'], q.tolist())), band_shares=shares,
                      acceptance=float(in_band.float().mean()), zipf_slope=slope, token_freq_by_rank=freqs[:1000].tolist(),
-                     filter_rules_per_s=filter_rate, tokens_per_s=gen_rate, gzip_ratios=ratios.tolist())
+                     gzip_ratios=ratios.tolist())
         atomic_write(json, lambda f: jsonlib.dump(stats, open(f, 'w')))
         print(f"wrote {json}")
 
@@ -1222,22 +1145,16 @@ def devices():
 
 
 def auto_band():
-    """The band from the target corpus's gzip ratio (GPT-2 ids, 360-token windows, as prepare_data.py measures):
-    its median rounded to 0.1 is the band's lower end; 0.5 and up take the paper's (0.5, 1.0). Fitted to the
-    paper's two data points: web text (English prose here: 0.47-0.49) -> 0.5+, code (0.29) -> (0.3, 0.4)."""
+    """--band=auto: the band prepare_data.py chose from the target corpus's gzip ratio (its nca_band, README)."""
     global gzip_lower, gzip_upper
     if n_states != 10:
-        die(f"--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
-    meta = dataset_meta(dataset)
-    measured = meta.get('gzip_ratio') or {}
-    if 'median' not in measured or (meta.get('tokenizer', 'gpt2') != 'gpt2' and measured.get('tokens') != 'gpt2'):
-        die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it again online "
-            f"(tiktoken fetches GPT-2's tokenizer once), or give --gzip_lower and --gzip_upper")
-    ratio = measured['median']
-    gzip_lower = min(0.5, round(ratio, 1))
-    gzip_upper = 1.0 if gzip_lower == 0.5 else round(gzip_lower + 0.1, 1)
-    print(f"--band=auto: {dataset}'s gzip ratio is {ratio:.3f}, so rules in ({gzip_lower}, {gzip_upper}) "
-          f"(the ratio rounded to 0.1; 0.5 and up: the paper's band for web text)")
+        die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
+    measured = dataset_meta(dataset).get('gzip_ratio') or {}
+    if 'band' not in measured:
+        die(f"--band=auto: data/{dataset}/meta.json has no band: prepare it again (online once, for GPT-2's "
+            f"tokenizer), or give --gzip_lower and --gzip_upper")
+    gzip_lower, gzip_upper = measured['band']
+    print(f"--band=auto: {dataset}'s gzip ratio is {measured['median']:.3f}, so rules in ({gzip_lower}, {gzip_upper})")
 
 
 def main(argv):

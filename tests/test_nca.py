@@ -243,20 +243,20 @@ def test_authors_loss_predicts_start_and_end(nca):
     assert (y_all[:, :37] == -1).all()                                    # the first frame stays context
 
 
-@pytest.mark.parametrize('meta,band', [
-    (dict(tokenizer='gpt2', gzip_ratio=dict(median=0.29)), (0.3, 0.4)),        # code: the paper's (0.3, 0.4)
-    (dict(tokenizer='gpt2', gzip_ratio=dict(median=0.48)), (0.5, 1.0)),        # prose: the paper's 0.5+
-    (dict(tokenizer='bytes', gzip_ratio=dict(median=0.21, tokens='gpt2')), (0.2, 0.3)),
-    (dict(tokenizer='bytes', gzip_ratio=dict(median=0.21)), None),             # a ratio of byte ids: refused
-])
-def test_band_auto_follows_the_corpus_gzip_ratio(nca, tmp_path, meta, band):
+@pytest.mark.parametrize('ratio,band', [(0.29, [0.3, 0.4]), (0.262, [0.3, 0.4]), (0.47, [0.5, 1.0]), (0.61, [0.5, 1.0]),
+                                        (0.21, [0.2, 0.3])])
+def test_band_auto_follows_the_corpus_gzip_ratio(nca, tmp_path, ratio, band):
+    import prepare_data
+    assert prepare_data.nca_band(ratio) == band   # code -> the paper's (0.3, 0.4), prose -> its 0.5+
     (tmp_path / 'corpus').mkdir()
+    meta = dict(tokenizer='bytes', gzip_ratio=dict(median=ratio, band=prepare_data.nca_band(ratio)))
     (tmp_path / 'corpus' / 'meta.json').write_text(json.dumps(meta))
     nca.data_dir, nca.dataset, nca.n_states = str(tmp_path), 'corpus', 10
     nca._read_meta.cache_clear()
-    if band is None:
-        with pytest.raises(SystemExit, match='no gzip ratio of GPT-2 tokens'):
-            nca.auto_band()
-    else:
+    nca.auto_band()
+    assert [nca.gzip_lower, nca.gzip_upper] == band
+    del meta['gzip_ratio']['band']  # a meta.json of an older prepare_data.py: refused, saying what to do
+    (tmp_path / 'corpus' / 'meta.json').write_text(json.dumps(meta))
+    nca._read_meta.cache_clear()
+    with pytest.raises(SystemExit, match='has no band: prepare it again'):
         nca.auto_band()
-        assert (nca.gzip_lower, nca.gzip_upper) == band

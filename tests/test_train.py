@@ -111,9 +111,11 @@ def test_bytes_end_to_end_prepare_nca_transfer_lm_ppl(tmp_path):
     assert (tokens == 256).sum() + (np.fromfile(data / 'code' / 'val.bin', dtype=np.uint16) == 256).sum() == 40
     assert 'return x * 3 + 3  # é' in docs
     run(*FAST, '--stage=nca', '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path / "nca"}')
-    p = run('--stage=show', f'--ckpt={tmp_path / "nca"}', f'--png={tmp_path / "watch.png"}')  # watch it predict
-    assert "model's prediction" in p.stdout and 'held-out rules, patch accuracy of frames 1-2' in p.stdout
+    p = subprocess.run([sys.executable, 'eval.py', 'watch', f'--ckpt={tmp_path / "nca"}', f'--png={tmp_path / "watch.png"}'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)  # watch it predict held-out rules
+    assert "model's prediction" in p.stdout and 'held-out rules, patch accuracy of frames 1-2' in p.stdout, p.stderr
     assert (tmp_path / 'watch.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert len(json.load(open(tmp_path / 'nca' / 'eval-watch.json'))['frame_acc']) == 2
     p = run(*FAST, '--stage=lm', '--dataset=code', f'--data_dir={data}', '--max_iters=30', '--eval_interval=30',
             '--block_size=64', f'--init_from={tmp_path / "nca"}', f'--out_dir={tmp_path / "lm"}')
     assert 'fresh for bytes' in p.stdout
