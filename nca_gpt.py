@@ -146,9 +146,14 @@ def make_key(*ids):
     return h
 
 
+def hash_pairs(keys, counters):
+    """32 random bits for each (key, counter) pair: int64 tensors or numpy arrays, broadcast elementwise."""
+    return mix32(keys ^ mix32(counters + 0x9E3779B))
+
+
 def hash_bits(keys, n):
     """keys (N,) int64 -> (N, n) int64 of 32 random bits: counter k of key j."""
-    return mix32(keys[:, None] ^ mix32(torch.arange(n, device=keys.device) + 0x9E3779B))
+    return hash_pairs(keys[:, None], torch.arange(n, device=keys.device))
 
 
 def uniform(keys, n):
@@ -214,38 +219,113 @@ def torus_neighbours(size, device):
     return torch.stack(nbrs).view(9, -1).to(device)
 
 
+def sample_step(h, w3, state, u, temperature, identity_bias):
+    """One update as the paper's code makes it: h (R, C, 16) hidden units after the ReLU, w3 (R, n, 16), state
+    (R, C) long, u (R, C) uniforms -> (R, C) next states, drawn from softmax(logits / T) (T = 0: the argmax)."""
+    logits = torch.bmm(h, w3.transpose(1, 2))                                            # (R, C, n)
+    if identity_bias:
+        logits = logits + identity_bias * F.one_hot(state, w3.size(1))
+    if temperature == 0:
+        return logits.argmax(-1)
+    # softmax(logits / T), unnormalised (categorical scales by the total); the clamp keeps exp out of the
+    # slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
+    weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
+    return categorical(weights, u)
+
+
+EPS32 = 2.0 ** -24
+GAMMA16 = 16 * EPS32 / (1 - 16 * EPS32)  # float32 sums of 16 products, in any order, FMA or not, lie within
+                                         # GAMMA16 * sum |product| of the exact sum (Higham, Accuracy and Stability, 3.1)
+
+
 @torch.no_grad()
 def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     """Advance R automata at once, each with its own rule: no Python loop over rules or cells.
     rules (R, P), grid0 (R, S, S) long, keys (R,) for the sampling noise -> (R, n_steps + 1, S, S):
-    the initial grid, then the state after each step."""
+    the initial grid, then the state after each step. Step t draws cell c with counter t * S*S + c of its key.
+
+    On the CPU, most cells skip the draw. At T = 1e-4 a cell takes its best state unless a runner-up's logit
+    is within about 19 T of it (its weight then nears 2^-24, the step of the uniforms): the other 98.6% take
+    the argmax of logits from a fast matmul. The near-ties are drawn in float64 with the fast logits' rounding
+    bounded: the draw is kept when it holds for every rounding, and otherwise (a few cells per thousand steps)
+    the cell takes sample_step. So every cell gets what sample_step, the computation of the paper, gives it."""
     R, S, _ = grid0.shape
+    C, dev, T, ib = S * S, grid0.device, temperature, identity_bias
     n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)  # states, from the rule's 52 n + 64 weights
     w1, w2, w3 = unpack_rules(rules, n)
     # conv 3x3 then conv 1x1 with nothing between is one linear map, and its input is one-hot, so the
     # first two layers collapse into a lookup table: (neighbour k, that neighbour's state) -> 16 values.
     table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(R * 9 * n, HIDDEN2)
-    nbrs = torus_neighbours(S, grid0.device)                                        # (9, S*S)
-    first_row = (torch.arange(R, device=grid0.device) * 9 * n).view(R, 1, 1) \
-        + (torch.arange(9, device=grid0.device) * n).view(1, 9, 1)                  # (R, 9, 1)
-    if temperature > 0:
-        u = uniform(keys, n_steps * S * S).view(R, n_steps, S * S)
-    state = grid0.reshape(R, S * S)
-    states = [state]
+    # a state is stored as its rule's first table row, r*9n + state; cell c's rows are then r*9n + k*n +
+    # state[nbr(c, k)], gathered from the (R, 9, C) stored states + k*n by one index_select
+    base = (torch.arange(R, device=dev) * 9 * n).int().view(R, 1)
+    kofs = (torch.arange(9, device=dev) * n).int().view(1, 9, 1)
+    nbrs = torus_neighbours(S, dev)                                                     # (9, S*S)
+    take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C + nbrs.t()).flatten()
+    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
+    states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
+    states[:, 0] = grid0.view(R, C) + base
+    fast = dev.type == 'cpu' and R > 0  # elsewhere the plain step is fast enough and needs no host round trip
+    if not fast:
+        u = uniform(keys, n_steps * C).view(R, n_steps, C) if T else [None] * n_steps
+    else:
+        # the last row of w3x bounds sum_k h_k |w3_jk| for every j: the fast logits' rounding scales with it
+        w3x = torch.cat([w3, w3.abs().amax(1, keepdim=True)], 1)                        # (R, n + 1, 16)
+        biggest = (table.view(R, 9, n, HIDDEN2).clamp_min(0).amax(2).sum(1) * w3x[:, n]).sum(1).max().item()
+        err = (2 * GAMMA16 + 2 * EPS32) * (biggest + abs(ib))  # |fast logit - sample_step's logit|, any cell
+        # a runner-up further behind than cutoff cannot win the draw: the n - 1 weights below e^-(ln n + 17)
+        # sum to under 2^-24, the smallest uniform, so the cumulative weights are 1 from the best state on
+        cutoff = (math.log(n) + 17) * T + 2 * err
+        count_best = torch.stack([torch.ones(R, n, device=dev), base + torch.arange(n, device=dev)], 1)  # (R, 2, n)
+        contender = torch.empty(R, n, C, device=dev)
+        states_np, keys_np, base_np = states.numpy(), keys.numpy(), base.view(-1).numpy()
     for t in range(n_steps):
-        rows = first_row + state[:, nbrs]                                           # (R, 9, S*S)
-        hidden = F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum')  # (R*S*S, 16)
-        logits = torch.bmm(F.relu(hidden).view(R, S * S, HIDDEN2), w3.transpose(1, 2))    # (R, S*S, n)
-        if identity_bias:
-            logits = logits + identity_bias * F.one_hot(state, n)
-        if temperature == 0:
-            state = logits.argmax(-1)
-        else:  # softmax(logits / T), unnormalised (categorical scales by the total); the clamp keeps exp out
-            # of the slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
-            weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
-            state = categorical(weights, u[:, t])
-        states.append(state)
-    return torch.stack(states, 1).view(R, n_steps + 1, S, S)
+        rows = (states[:, t].view(R, 1, C) + kofs).view(-1).index_select(0, take)       # (R*C*9,)
+        h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_()
+        h = h.view(R, C, HIDDEN2)
+        if not fast:
+            states[:, t + 1] = sample_step(h, w3, (states[:, t] - base).long(), u[:, t], T, ib) + base
+            continue
+        fl = torch.bmm(w3x, h.transpose(1, 2))                                          # (R, n + 1, C)
+        logits = fl[:, :n]
+        if ib:
+            logits.scatter_add_(1, (states[:, t] - base).long().view(R, 1, C), logits.new_full((R, 1, C), ib))
+        torch.gt(logits, logits.amax(1, keepdim=True).sub_(cutoff), out=contender)
+        cb = torch.bmm(count_best, contender)                # (R, 2, C): contenders; r*9n + the best if alone
+        states[:, t + 1] = cb[:, 1]
+        near = np.flatnonzero(cb[:, 0].numpy() > 1.5)
+        if len(near) == 0:
+            continue
+        r, c = np.divmod(near, C)
+        fl_near = fl.numpy()[r, :, c].astype(np.float64)                              # (m, n + 1)
+        x, err_near = fl_near[:, :n], (2 * GAMMA16 + 2 * EPS32) * (fl_near[:, n] * (1 + 2 * GAMMA16) + abs(ib))
+        u = None
+        if T == 0:
+            j = x.argmax(1)
+            top2 = np.sort(x, 1)[:, -2:]
+            settled = top2[:, 1] - top2[:, 0] > 2 * err_near
+        else:
+            u = ((hash_pairs(keys_np[r], t * C + c) >> 9) + 0.5) / 2 ** 23            # uniform()'s values
+            cum = np.zeros((len(near), n + 1))
+            np.cumsum(np.exp(np.maximum((x - x.max(1, keepdims=True)) / T, -80)), 1, out=cum[:, 1:])
+            total = cum[:, n]
+            j = (cum[:, 1:] < (u * total)[:, None]).sum(1)   # categorical: the first state whose share reaches u
+            # logits off by err_near move a ratio of weights by a factor kappa at most (1e-4: sample_step's
+            # float32 rounding): j stands if u stays inside its share with each end moved by kappa
+            kappa = np.exp(2 * err_near / T + 1e-4)
+            lo, hi = cum[np.arange(len(near)), j], cum[np.arange(len(near)), j + 1]
+            settled = (u * (hi + kappa * (total - hi)) < hi) & (u * (kappa * lo + total - lo) > kappa * lo)
+        states_np[r, t + 1, c] = j + base_np[r]
+        if not settled.all():  # the unsettled cells take sample_step, run on their rules
+            r, c = r[~settled], c[~settled]
+            rs, row = np.unique(r, return_inverse=True)
+            u_rs = None
+            if T:
+                u_rs = torch.full((len(rs), C), 0.5)  # any uniform: only these cells' results are kept
+                u_rs[row, c] = torch.from_numpy(u[~settled]).float()
+            prev = (states[rs, t] - base[rs]).long()
+            states_np[r, t + 1, c] = sample_step(h[rs], w3[rs], prev, u_rs, T, ib).numpy()[row, c] + base_np[r]
+    return (states - base.view(R, 1, 1)).long().view(R, n_steps + 1, S, S)
 
 
 # --- the patch tokenizer --------------------------------------------------------

@@ -201,14 +201,17 @@ def test_bad_options_are_one_line_errors(args, message):
 
 
 def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
-    """Every draw (rule weights, initial grids, rollout noise, order, sequences) hashes a key of its own:
-    a key that feeds two calls would make two supposedly independent things functions of each other."""
+    """Every draw (rule weights, initial grids, rollout noise, order, sequences) hashes (key, counter) pairs of
+    its own: a pair that fed two draws would make two supposedly independent things functions of each other."""
     nca.grid, nca.block_size, nca.num_rules, nca.num_val_rules = 8, 40, 16, 8
-    seen, real = [], nca.hash_bits
-    monkeypatch.setattr(nca, 'hash_bits', lambda keys, n: seen.append(set(keys.tolist())) or real(keys, n))
+    seen, real = [], nca.hash_pairs
+
+    def record(keys, counters):
+        k, c = np.broadcast_arrays(np.asarray(keys), np.asarray(counters))
+        seen.append(set(zip(k.ravel().tolist(), c.ravel().tolist())))
+        return real(keys, counters)
+    monkeypatch.setattr(nca, 'hash_pairs', record)
     nca.nca_batch('train', 0, 4)
     nca.nca_batch('val', 0, 4)
     assert len(seen) >= 8
-    for a in range(len(seen)):
-        for b in range(a):
-            assert not seen[a] & seen[b], (a, b)
+    assert len(set().union(*seen)) == sum(map(len, seen))  # no pair twice, within a draw or across draws
