@@ -332,9 +332,10 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
 def frame_tokens(frames, n, p):
     """frames (R, T, S, S) -> (R, T, (S/p)**2) patch tokens, row-major; cell k of a patch (row-major)
     is digit k of the token in base n."""
-    R, T, S, _ = frames.shape
-    cells = frames.reshape(R, T, S // p, p, S // p, p).permute(0, 1, 2, 4, 3, 5).reshape(R, T, -1, p * p)
-    return (cells * n ** torch.arange(p * p, device=frames.device)).sum(-1)
+    tokens = 0
+    for k in range(p * p):  # cell k of every patch at once: a strided view, (R, T, S/p, S/p)
+        tokens = tokens + frames[..., k // p::p, k % p::p] * n ** k
+    return tokens.flatten(2)
 
 
 def tokenize(frames, n, p):
@@ -372,8 +373,10 @@ def trajectories(rules, keys, n_frames):
     """rules (R, P), keys (R,) -> (R, n_frames, S, S): from a random initial grid of each key's own, the
     frames after burn-in. The grid and the sampling noise have streams of their own (a rule's key already
     made its weights)."""
-    grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
-    return rollout(rules, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)[:, burn_in:]
+    grid0, noise = initial_grids(make_key(keys, GRID), n_states, grid), make_key(keys, NOISE)
+    chunk = 256 if rules.device.type == 'cpu' else max(len(rules), 1)  # on a CPU, a working set that stays in cache
+    return torch.cat([rollout(rules[i:i + chunk], grid0[i:i + chunk], burn_in + n_frames - 1, noise[i:i + chunk],
+                              temperature, identity_bias)[:, burn_in:] for i in range(0, max(len(rules), 1), chunk)])
 
 
 def rule_complexity(rules, keys):
