@@ -187,6 +187,8 @@ def rule_shapes(n):
 
 def sample_rules(keys, n):
     """keys (R,) -> rules (R, P): each row the flattened weights of one rule."""
+    if len(keys) > 256:  # in pieces that stay in cache: 3x faster for 2,048 rules
+        return torch.cat([sample_rules(keys[i:i + 256], n) for i in range(0, len(keys), 256)])
     shapes = rule_shapes(n)
     sizes = [math.prod(s) for s in shapes]
     u = uniform(keys, sum(sizes))
@@ -208,7 +210,8 @@ def initial_grids(keys, n, size):
     """keys (R,) -> (R, size, size) long: per trajectory, colour logits ~ N(0, 1), then i.i.d. cells."""
     u = uniform(keys, n + size * size)
     probs = torch.softmax(torch.special.ndtri(u[:, :n]), dim=-1)             # (R, n)
-    cells = categorical(probs[:, None, :].expand(-1, size * size, -1).contiguous(), u[:, n:])  # (R, size*size)
+    cdf = probs.cumsum(-1)  # categorical() for size*size draws from each grid's one distribution:
+    cells = torch.searchsorted(cdf, u[:, n:] * cdf[:, -1:]).clamp_max(n - 1)          # (R, size*size)
     return cells.view(-1, size, size)
 
 
@@ -256,15 +259,13 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     # conv 3x3 then conv 1x1 with nothing between is one linear map, and its input is one-hot, so the
     # first two layers collapse into a lookup table: (neighbour k, that neighbour's state) -> 16 values.
     table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(R * 9 * n, HIDDEN2)
-    # a state is stored as its rule's first table row, r*9n + state; cell c's rows are then r*9n + k*n +
-    # state[nbr(c, k)], gathered from the (R, 9, C) stored states + k*n by one index_select
-    base = (torch.arange(R, device=dev) * 9 * n).int().view(R, 1)
-    kofs = (torch.arange(9, device=dev) * n).int().view(1, 9, 1)
+    # cell c's rows are r*9n + k*n + state[nbr(c, k)]: one index_select from the (R, 9, C) states + r*9n + k*n
+    first_row = ((torch.arange(R, device=dev) * 9 * n).view(R, 1, 1) + torch.arange(9, device=dev).view(1, 9, 1) * n).int()
     nbrs = torus_neighbours(S, dev)                                                     # (9, S*S)
     take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C + nbrs.t()).flatten()
     bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
     states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
-    states[:, 0] = grid0.view(R, C) + base
+    states[:, 0] = grid0.view(R, C)
     fast = dev.type == 'cpu' and R > 0  # elsewhere the plain step is fast enough and needs no host round trip
     if not fast:
         u = uniform(keys, n_steps * C).view(R, n_steps, C) if T else [None] * n_steps
@@ -276,30 +277,31 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         # a runner-up further behind than cutoff cannot win the draw: the n - 1 weights below e^-(ln n + 17)
         # sum to under 2^-24, the smallest uniform, so the cumulative weights are 1 from the best state on
         cutoff = (math.log(n) + 17) * T + 2 * err
-        count_best = torch.stack([torch.ones(R, n, device=dev), base + torch.arange(n, device=dev)], 1)  # (R, 2, n)
+        count_best = torch.stack([torch.ones(n, device=dev), torch.arange(n, device=dev)]).expand(R, 2, n).contiguous()
         contender = torch.empty(R, n, C, device=dev)
-        states_np, keys_np, base_np = states.numpy(), keys.numpy(), base.view(-1).numpy()
+        states_np, keys_np = states.numpy(), keys.numpy()
     for t in range(n_steps):
-        rows = (states[:, t].view(R, 1, C) + kofs).view(-1).index_select(0, take)       # (R*C*9,)
+        state = states[:, t]
+        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)         # (R*C*9,)
         h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_()
         h = h.view(R, C, HIDDEN2)
         if not fast:
-            states[:, t + 1] = sample_step(h, w3, (states[:, t] - base).long(), u[:, t], T, ib) + base
+            states[:, t + 1] = sample_step(h, w3, state.long(), u[:, t], T, ib)
             continue
         fl = torch.bmm(w3x, h.transpose(1, 2))                                          # (R, n + 1, C)
         logits = fl[:, :n]
         if ib:
-            logits.scatter_add_(1, (states[:, t] - base).long().view(R, 1, C), logits.new_full((R, 1, C), ib))
+            logits.scatter_add_(1, state.long().view(R, 1, C), logits.new_full((R, 1, C), ib))
         torch.gt(logits, logits.amax(1, keepdim=True).sub_(cutoff), out=contender)
-        cb = torch.bmm(count_best, contender)                # (R, 2, C): contenders; r*9n + the best if alone
+        cb = torch.bmm(count_best, contender)                # (R, 2, C): how many contenders; the best if alone
         states[:, t + 1] = cb[:, 1]
         near = np.flatnonzero(cb[:, 0].numpy() > 1.5)
         if len(near) == 0:
             continue
         r, c = np.divmod(near, C)
+        m = np.arange(len(near))
         fl_near = fl.numpy()[r, :, c].astype(np.float64)                              # (m, n + 1)
         x, err_near = fl_near[:, :n], (2 * GAMMA16 + 2 * EPS32) * (fl_near[:, n] * (1 + 2 * GAMMA16) + abs(ib))
-        u = None
         if T == 0:
             j = x.argmax(1)
             top2 = np.sort(x, 1)[:, -2:]
@@ -313,9 +315,9 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
             # logits off by err_near move a ratio of weights by a factor kappa at most (1e-4: sample_step's
             # float32 rounding): j stands if u stays inside its share with each end moved by kappa
             kappa = np.exp(2 * err_near / T + 1e-4)
-            lo, hi = cum[np.arange(len(near)), j], cum[np.arange(len(near)), j + 1]
+            lo, hi = cum[m, j], cum[m, j + 1]
             settled = (u * (hi + kappa * (total - hi)) < hi) & (u * (kappa * lo + total - lo) > kappa * lo)
-        states_np[r, t + 1, c] = j + base_np[r]
+        states_np[r, t + 1, c] = j
         if not settled.all():  # the unsettled cells take sample_step, run on their rules
             r, c = r[~settled], c[~settled]
             rs, row = np.unique(r, return_inverse=True)
@@ -323,9 +325,8 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
             if T:
                 u_rs = torch.full((len(rs), C), 0.5)  # any uniform: only these cells' results are kept
                 u_rs[row, c] = torch.from_numpy(u[~settled]).float()
-            prev = (states[rs, t] - base[rs]).long()
-            states_np[r, t + 1, c] = sample_step(h[rs], w3[rs], prev, u_rs, T, ib).numpy()[row, c] + base_np[r]
-    return (states - base.view(R, 1, 1)).long().view(R, n_steps + 1, S, S)
+            states_np[r, t + 1, c] = sample_step(h[rs], w3[rs], state[rs].long(), u_rs, T, ib).numpy()[row, c]
+    return states.long().view(R, n_steps + 1, S, S)
 
 
 # --- the patch tokenizer --------------------------------------------------------
@@ -375,8 +376,9 @@ def trajectories(rules, keys, n_frames):
     made its weights)."""
     grid0, noise = initial_grids(make_key(keys, GRID), n_states, grid), make_key(keys, NOISE)
     chunk = 256 if rules.device.type == 'cpu' else max(len(rules), 1)  # on a CPU, a working set that stays in cache
-    return torch.cat([rollout(rules[i:i + chunk], grid0[i:i + chunk], burn_in + n_frames - 1, noise[i:i + chunk],
-                              temperature, identity_bias)[:, burn_in:] for i in range(0, max(len(rules), 1), chunk)])
+    parts = [rollout(rules[i:i + chunk], grid0[i:i + chunk], burn_in + n_frames - 1, noise[i:i + chunk], temperature,
+                     identity_bias)[:, burn_in:] for i in range(0, max(len(rules), 1), chunk)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def rule_complexity(rules, keys):
