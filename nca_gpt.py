@@ -215,6 +215,7 @@ def initial_grids(keys, n, size):
     return cells.view(-1, size, size)
 
 
+@functools.lru_cache(maxsize=8)
 def torus_neighbours(size, device):
     """(9, size*size): flat index of each cell's 3x3 neighbourhood on the torus, in conv kernel order."""
     y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
@@ -295,7 +296,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         torch.gt(logits, logits.amax(1, keepdim=True).sub_(cutoff), out=contender)
         cb = torch.bmm(count_best, contender)                # (R, 2, C): how many contenders; the best if alone
         states[:, t + 1] = cb[:, 1]
-        near = np.flatnonzero(cb[:, 0].numpy() > 1.5)
+        near = np.flatnonzero(cb.numpy()[:, 0] > 1.5)
         if len(near) == 0:
             continue
         r, c = np.divmod(near, C)
