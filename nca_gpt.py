@@ -237,9 +237,28 @@ def sample_step(h, w3, state, u, temperature, identity_bias):
     return categorical(weights, u)
 
 
-EPS32 = 2.0 ** -24
-GAMMA16 = 16 * EPS32 / (1 - 16 * EPS32)  # float32 sums of 16 products, in any order, FMA or not, lie within
-                                         # GAMMA16 * sum |product| of the exact sum (Higham, Accuracy and Stability, 3.1)
+EPS32 = 2.0 ** -24  # float32's unit roundoff
+GAMMA16 = 16 * EPS32 / (1 - 16 * EPS32)  # float32 sums of 16 products, in any order, FMA or not, lie within GAMMA16
+                                         # * sum |product| of the exact sum (Higham, Accuracy and Stability, 3.1)
+
+
+def draw_near_ties(x, bound, u, temperature, identity_bias):
+    """Cells whose best states are close: x (m, n) float64 logits from a fast matmul, bound (m,) >= sum_k h_k
+    max_j |w3_jk|, u (m,) their uniforms -> (m,) the states sample_step draws from the same logits, and (m,)
+    whether the draw holds for every rounding a matmul may do: x is then within err of sample_step's logits."""
+    err = (2 * GAMMA16 + 2 * EPS32) * (bound * (1 + 2 * GAMMA16) + abs(identity_bias))
+    if temperature == 0:
+        top2 = np.sort(x, 1)[:, -2:]
+        return x.argmax(1), top2[:, 1] - top2[:, 0] > 2 * err
+    cum = np.zeros((len(x), x.shape[1] + 1))                                           # cumulative weights
+    np.cumsum(np.exp(np.maximum((x - x.max(1, keepdims=True)) / temperature, -80)), 1, out=cum[:, 1:])
+    total = cum[:, -1]
+    j = (cum[:, 1:] < (u * total)[:, None]).sum(1)  # categorical(): the first state whose share reaches u
+    # logits off by err move any ratio of weights by a factor kappa at most (and 1e-4 covers sample_step's float32
+    # rounding): j stands if u stays inside its share with each end moved by kappa against the rest
+    kappa = np.exp(2 * err / temperature + 1e-4)
+    lo, hi = cum[np.arange(len(x)), j], cum[np.arange(len(x)), j + 1]
+    return j, (u * (hi + kappa * (total - hi)) < hi) & (u * (kappa * lo + total - lo) > kappa * lo)
 
 
 @torch.no_grad()
@@ -248,11 +267,11 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     rules (R, P), grid0 (R, S, S) long, keys (R,) for the sampling noise -> (R, n_steps + 1, S, S):
     the initial grid, then the state after each step. Step t draws cell c with counter t * S*S + c of its key.
 
-    On the CPU, most cells skip the draw. At T = 1e-4 a cell takes its best state unless a runner-up's logit
-    is within about 19 T of it (its weight then nears 2^-24, the step of the uniforms): the other 98.6% take
-    the argmax of logits from a fast matmul. The near-ties are drawn in float64 with the fast logits' rounding
-    bounded: the draw is kept when it holds for every rounding, and otherwise (a few cells per thousand steps)
-    the cell takes sample_step. So every cell gets what sample_step, the computation of the paper, gives it."""
+    On the CPU, most cells skip the draw: at T = 1e-4 a cell takes its best state unless a runner-up's logit
+    is within about 19 T of it (its weight then nears 2^-24, the step of the uniforms). The other 98.6% take
+    the argmax of logits from a fast matmul (error bounded); the near-ties are drawn by draw_near_ties, and
+    the few whose draw a rounding could change (3 in 10,000) take sample_step. Every cell so gets what
+    sample_step, the plain update, gives it: the data are those of the plain rollout, bit for bit."""
     R, S, _ = grid0.shape
     C, dev, T, ib = S * S, grid0.device, temperature, identity_bias
     n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)  # states, from the rule's 52 n + 64 weights
@@ -262,8 +281,8 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(R * 9 * n, HIDDEN2)
     # cell c's rows are r*9n + k*n + state[nbr(c, k)]: one index_select from the (R, 9, C) states + r*9n + k*n
     first_row = ((torch.arange(R, device=dev) * 9 * n).view(R, 1, 1) + torch.arange(9, device=dev).view(1, 9, 1) * n).int()
-    nbrs = torus_neighbours(S, dev)                                                     # (9, S*S)
-    take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C + nbrs.t()).flatten()
+    take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
+            + torus_neighbours(S, dev).t()).flatten()                                   # (R*C*9,)
     bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
     states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
     states[:, 0] = grid0.view(R, C)
@@ -274,7 +293,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         # the last row of w3x bounds sum_k h_k |w3_jk| for every j: the fast logits' rounding scales with it
         w3x = torch.cat([w3, w3.abs().amax(1, keepdim=True)], 1)                        # (R, n + 1, 16)
         biggest = (table.view(R, 9, n, HIDDEN2).clamp_min(0).amax(2).sum(1) * w3x[:, n]).sum(1).max().item()
-        err = (2 * GAMMA16 + 2 * EPS32) * (biggest + abs(ib))  # |fast logit - sample_step's logit|, any cell
+        err = (2 * GAMMA16 + 2 * EPS32) * (biggest * (1 + 2 * GAMMA16) + abs(ib))  # any cell's, as in draw_near_ties
         # a runner-up further behind than cutoff cannot win the draw: the n - 1 weights below e^-(ln n + 17)
         # sum to under 2^-24, the smallest uniform, so the cumulative weights are 1 from the best state on
         cutoff = (math.log(n) + 17) * T + 2 * err
@@ -283,9 +302,8 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         states_np, keys_np = states.numpy(), keys.numpy()
     for t in range(n_steps):
         state = states[:, t]
-        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)         # (R*C*9,)
-        h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_()
-        h = h.view(R, C, HIDDEN2)
+        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
+        h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_().view(R, C, HIDDEN2)
         if not fast:
             states[:, t + 1] = sample_step(h, w3, state.long(), u[:, t], T, ib)
             continue
@@ -300,26 +318,10 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         if len(near) == 0:
             continue
         r, c = np.divmod(near, C)
-        m = np.arange(len(near))
         fl_near = fl.numpy()[r, :, c].astype(np.float64)                              # (m, n + 1)
-        x, err_near = fl_near[:, :n], (2 * GAMMA16 + 2 * EPS32) * (fl_near[:, n] * (1 + 2 * GAMMA16) + abs(ib))
-        if T == 0:
-            j = x.argmax(1)
-            top2 = np.sort(x, 1)[:, -2:]
-            settled = top2[:, 1] - top2[:, 0] > 2 * err_near
-        else:
-            u = ((hash_pairs(keys_np[r], t * C + c) >> 9) + 0.5) / 2 ** 23            # uniform()'s values
-            cum = np.zeros((len(near), n + 1))
-            np.cumsum(np.exp(np.maximum((x - x.max(1, keepdims=True)) / T, -80)), 1, out=cum[:, 1:])
-            total = cum[:, n]
-            j = (cum[:, 1:] < (u * total)[:, None]).sum(1)   # categorical: the first state whose share reaches u
-            # logits off by err_near move a ratio of weights by a factor kappa at most (1e-4: sample_step's
-            # float32 rounding): j stands if u stays inside its share with each end moved by kappa
-            kappa = np.exp(2 * err_near / T + 1e-4)
-            lo, hi = cum[m, j], cum[m, j + 1]
-            settled = (u * (hi + kappa * (total - hi)) < hi) & (u * (kappa * lo + total - lo) > kappa * lo)
-        states_np[r, t + 1, c] = j
-        if not settled.all():  # the unsettled cells take sample_step, run on their rules
+        u = ((hash_pairs(keys_np[r], t * C + c) >> 9) + 0.5) / 2 ** 23 if T else None  # uniform()'s values
+        states_np[r, t + 1, c], settled = draw_near_ties(fl_near[:, :n], fl_near[:, n], u, T, ib)
+        if not settled.all():  # these cells take sample_step, run on their rules
             r, c = r[~settled], c[~settled]
             rs, row = np.unique(r, return_inverse=True)
             u_rs = None
