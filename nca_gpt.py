@@ -174,6 +174,21 @@ def categorical(probs, u):
     return torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1).clamp_max(probs.size(-1) - 1)
 
 
+def one_thread_on_cpu(fn):
+    """Run fn with one intra-op thread on a CPU: the data engine's ops are too small to split (the fork-join
+    costs more than it saves), and on a shared machine a thread whose core another job holds stalls the rest
+    (4-10x slower, measured). zlib's threads in rule_complexity are apart from this."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1 if device == 'cpu' else before)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
 # --- the rule network ---------------------------------------------------------
 # The paper's rule (Flax): wrap-pad by 1, conv 3x3 n->4, conv 1x1 4->16, ReLU, conv 1x1 16->n logits.
 # Flax draws kernels from lecun normal (truncated normal, variance 1/fan_in) and biases as zeros. The
@@ -383,6 +398,7 @@ def trajectories(rules, keys, n_frames):
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+@one_thread_on_cpu
 def rule_complexity(rules, keys):
     """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames."""
     frames = trajectories(rules, keys, gzip_frames)
@@ -390,6 +406,7 @@ def rule_complexity(rules, keys):
     return torch.tensor(list(_gzip_pool.map(gzip_ratio, tokens)), dtype=torch.float32)
 
 
+@one_thread_on_cpu
 def candidate_rules(split, rule_set, first, count):
     """Candidates first..first+count-1 of a rule set -> keys (count,), rules (count, P)."""
     keys = make_key(seed, SPLITS[split], RULES, rule_set, torch.arange(first, first + count, device=device))
@@ -427,6 +444,7 @@ def frame_len():
     return (grid // patch) ** 2 + 2  # START + patches + END: 38 at the defaults
 
 
+@one_thread_on_cpu
 def nca_sequences(rules, keys):
     """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per sequence."""
     n_frames = -(-(block_size + 1) // frame_len())  # 27 frames at the defaults
