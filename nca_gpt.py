@@ -174,21 +174,6 @@ def categorical(probs, u):
     return torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1).clamp_max(probs.size(-1) - 1)
 
 
-def one_thread_on_cpu(fn):
-    """Run fn with one intra-op thread on a CPU: the data engine's ops are too small to split (the fork-join
-    costs more than it saves), and on a shared machine a thread whose core another job holds stalls the rest
-    (4-10x slower, measured). zlib's threads in rule_complexity are apart from this."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(1 if device == 'cpu' else before)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-    return run
-
-
 # --- the rule network ---------------------------------------------------------
 # The paper's rule (Flax): wrap-pad by 1, conv 3x3 n->4, conv 1x1 4->16, ReLU, conv 1x1 16->n logits.
 # Flax draws kernels from lecun normal (truncated normal, variance 1/fan_in) and biases as zeros. The
@@ -282,10 +267,10 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     the initial grid, then the state after each step. Step t draws cell c with counter t * S*S + c of its key.
 
     On the CPU, most cells skip the draw: at T = 1e-4 a cell takes its best state unless a runner-up's logit
-    is within about 19 T of it (its weight then nears 2^-24, the step of the uniforms). The other 98.6% take
-    the argmax of logits from a fast matmul (error bounded); the near-ties are drawn by draw_near_ties, and
-    the few whose draw a rounding could change (3 in 10,000) take sample_step. Every cell so gets what
-    sample_step, the plain update, gives it: the data are those of the plain rollout, bit for bit."""
+    is within about 19 T of it (its weight then nears 2^-24, the step of the uniforms). The other ~98% take
+    the argmax of logits from a fast matmul (its rounding bounded); the near-ties are drawn by draw_near_ties,
+    and the few whose draw a rounding could change (3 in 100,000 cells) take sample_step. Every cell so gets
+    what sample_step, the plain update, gives it: the data are those of the plain rollout, bit for bit."""
     R, S, _ = grid0.shape
     C, dev, T, ib = S * S, grid0.device, temperature, identity_bias
     n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)  # states, from the rule's 52 n + 64 weights
@@ -294,7 +279,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     # first two layers collapse into a lookup table: (neighbour k, that neighbour's state) -> 16 values.
     table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(R * 9 * n, HIDDEN2)
     # cell c's rows are r*9n + k*n + state[nbr(c, k)]: one index_select from the (R, 9, C) states + r*9n + k*n
-    first_row = ((torch.arange(R, device=dev) * 9 * n).view(R, 1, 1) + torch.arange(9, device=dev).view(1, 9, 1) * n).int()
+    first_row = ((torch.arange(R, device=dev) * 9).view(R, 1, 1) + torch.arange(9, device=dev).view(1, 9, 1)).int() * n
     take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
             + torus_neighbours(S, dev).t()).flatten()                                   # (R*C*9,)
     bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
@@ -302,7 +287,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     states[:, 0] = grid0.view(R, C)
     fast = dev.type == 'cpu' and R > 0  # elsewhere the plain step is fast enough and needs no host round trip
     if not fast:
-        u = uniform(keys, n_steps * C).view(R, n_steps, C) if T else [None] * n_steps
+        us = uniform(keys, n_steps * C).view(R, n_steps, C).unbind(1) if T else [None] * n_steps
     else:
         # the last row of w3x bounds sum_k h_k |w3_jk| for every j: the fast logits' rounding scales with it
         w3x = torch.cat([w3, w3.abs().amax(1, keepdim=True)], 1)                        # (R, n + 1, 16)
@@ -319,7 +304,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
         h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_().view(R, C, HIDDEN2)
         if not fast:
-            states[:, t + 1] = sample_step(h, w3, state.long(), u[:, t], T, ib)
+            states[:, t + 1] = sample_step(h, w3, state.long(), us[t], T, ib)
             continue
         fl = torch.bmm(w3x, h.transpose(1, 2))                                          # (R, n + 1, C)
         logits = fl[:, :n]
@@ -396,6 +381,21 @@ def trajectories(rules, keys, n_frames):
     parts = [rollout(rules[i:i + chunk], grid0[i:i + chunk], burn_in + n_frames - 1, noise[i:i + chunk], temperature,
                      identity_bias)[:, burn_in:] for i in range(0, max(len(rules), 1), chunk)]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def one_thread_on_cpu(fn):
+    """Run fn with one intra-op thread on a CPU: the data engine's ops are too small to split (the fork-join
+    costs more than it saves), and on a shared machine a thread whose core another job holds stalls the rest
+    (4-10x slower, measured). zlib's threads in rule_complexity are apart from this."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1 if device == 'cpu' else before)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return run
 
 
 @one_thread_on_cpu

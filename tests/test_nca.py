@@ -108,7 +108,8 @@ def test_runner_ups_beyond_the_cutoff_never_win(nca, n):
             h = torch.zeros(1, 2, 16)
             h[..., 0] = 1.0
             u = torch.tensor([[2.0 ** -24, 1 - 2.0 ** -24]])  # the smallest and largest uniform() there is
-            assert nca.sample_step(h, w3, torch.zeros(1, 2, dtype=torch.long), u, temperature, 0.0).tolist() == [[best] * 2]
+            state = torch.zeros(1, 2, dtype=torch.long)
+            assert nca.sample_step(h, w3, state, u, temperature, 0.0).tolist() == [[best] * 2]
 
 
 def test_tokens_to_grids_round_trip(nca):
