@@ -323,9 +323,8 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         if not settled.all():  # these cells take sample_step, run on their rules
             r, c = r[~settled], c[~settled]
             rs, row = np.unique(r, return_inverse=True)
-            u_rs = None
+            u_rs = torch.full((len(rs), C), 0.5)  # any uniform elsewhere: only these cells' results are kept
             if T:
-                u_rs = torch.full((len(rs), C), 0.5)  # any uniform: only these cells' results are kept
                 u_rs[row, c] = torch.from_numpy(u[~settled]).float()
             states_np[r, t + 1, c] = sample_step(h[rs], w3[rs], state[rs].long(), u_rs, T, ib).numpy()[row, c]
     return states.long().view(R, n_steps + 1, S, S)
