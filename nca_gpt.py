@@ -385,7 +385,7 @@ def trajectories(rules, keys, n_frames):
 def one_thread_on_cpu(fn):
     """Run fn with one intra-op thread on a CPU: the data engine's ops are too small to split (the fork-join
     costs more than it saves), and on a shared machine a thread whose core another job holds stalls the rest
-    (4-10x slower, measured). zlib's threads in rule_complexity are apart from this."""
+    (README, Speed). zlib's threads in rule_complexity are apart from this."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         before = torch.get_num_threads()
