@@ -154,9 +154,14 @@ def make_key(*ids):
     return h
 
 
+def hash_pairs(keys, counters):
+    """32 random bits for each (key, counter) pair: int64 tensors or numpy arrays, broadcast elementwise."""
+    return mix32(keys ^ mix32(counters + 0x9E3779B))
+
+
 def hash_bits(keys, n):
     """keys (N,) int64 -> (N, n) int64 of 32 random bits: counter k of key j."""
-    return mix32(keys[:, None] ^ mix32(torch.arange(n, device=keys.device) + 0x9E3779B))
+    return hash_pairs(keys[:, None], torch.arange(n, device=keys.device))
 
 
 def uniform(keys, n):
@@ -190,6 +195,8 @@ def rule_shapes(n):
 
 def sample_rules(keys, n):
     """keys (R,) -> rules (R, P): each row the flattened weights of one rule."""
+    if len(keys) > 256:  # in pieces that stay in cache: 3x faster for 2,048 rules
+        return torch.cat([sample_rules(keys[i:i + 256], n) for i in range(0, len(keys), 256)])
     shapes = rule_shapes(n)
     sizes = [math.prod(s) for s in shapes]
     u = uniform(keys, sum(sizes))
@@ -211,10 +218,12 @@ def initial_grids(keys, n, size):
     """keys (R,) -> (R, size, size) long: per trajectory, colour logits ~ N(0, 1), then i.i.d. cells."""
     u = uniform(keys, n + size * size)
     probs = torch.softmax(torch.special.ndtri(u[:, :n]), dim=-1)             # (R, n)
-    cells = categorical(probs[:, None, :].expand(-1, size * size, -1).contiguous(), u[:, n:])  # (R, size*size)
+    cdf = probs.cumsum(-1)  # categorical() for size*size draws from each grid's one distribution:
+    cells = torch.searchsorted(cdf, u[:, n:] * cdf[:, -1:]).clamp_max(n - 1)          # (R, size*size)
     return cells.view(-1, size, size)
 
 
+@functools.lru_cache(maxsize=8)
 def torus_neighbours(size, device):
     """(9, size*size): flat index of each cell's 3x3 neighbourhood on the torus, in conv kernel order."""
     y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
@@ -222,47 +231,110 @@ def torus_neighbours(size, device):
     return torch.stack(nbrs).view(9, -1).to(device)
 
 
+def sample_step(h, w3, state, u, temperature, identity_bias):
+    """One update as the paper's code makes it: h (R, C, 16) hidden units after the ReLU, w3 (R, n, 16), state
+    (R, C) long, u (R, C) uniforms -> (R, C) next states, drawn from softmax(logits / T) (T = 0: the argmax)."""
+    logits = torch.bmm(h, w3.transpose(1, 2))                                            # (R, C, n)
+    if identity_bias:
+        logits = logits + identity_bias * F.one_hot(state, w3.size(1))
+    if temperature == 0:
+        return logits.argmax(-1)
+    # softmax(logits / T), unnormalised (categorical scales by the total); the clamp keeps exp out of the
+    # slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
+    weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
+    return categorical(weights, u)
+
+
+EPS32 = 2.0 ** -24  # float32's unit roundoff
+GAMMA16 = 16 * EPS32 / (1 - 16 * EPS32)  # float32 sums of 16 products, in any order, FMA or not, lie within GAMMA16
+                                         # * sum |product| of the exact sum (Higham, Accuracy and Stability, 3.1)
+
+
+def draw_near_ties(x, bound, u, temperature):
+    """Cells whose best states are close: x (m, n) float64 logits from a fast matmul, bound (m,) >= sum_k h_k
+    max_j |w3_jk|, u (m,) their uniforms -> (m,) the states sample_step draws from these logits, and (m,)
+    whether that draw holds for every rounding a matmul may do: x is within err of sample_step's logits."""
+    err = (2 * GAMMA16 + 2 * EPS32) * bound * (1 + 2 * GAMMA16)
+    # logits off by err move any ratio of weights by a factor kappa at most (1e-4 more: sample_step's float32
+    # rounding); categorical() draws j = #{i: weight up to i < u * total}, so j lies between low and high
+    kappa = np.exp(2 * err / temperature + 1e-4)[:, None]
+    upto = np.cumsum(np.exp(np.maximum((x - x.max(1, keepdims=True)) / temperature, -80)), 1)  # weight up to i
+    after = upto[:, -1:] - upto
+    low = (kappa * upto < u[:, None] * (kappa * upto + after)).sum(1)    # every rounding for the states up to i
+    high = (upto < u[:, None] * (upto + kappa * after)).sum(1)           # every rounding against them
+    return high, low == high
+
+
 @torch.no_grad()
 def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     """Advance R automata at once, each with its own rule: no Python loop over rules or cells.
     rules (R, P), grid0 (R, S, S) long, keys (R,) for the sampling noise -> (R, n_steps + 1, S, S):
-    the initial grid, then the state after each step."""
+    the initial grid, then the state after each step. Step t draws cell c with counter t * S*S + c of its key.
+
+    On a CPU at the paper's settings most cells skip the draw: at T = 1e-4 a cell takes its best state unless
+    a runner-up's logit is within about 19 T of it (its weight then nears 2^-24, the step of the uniforms). The
+    other ~98% take the argmax of logits from a fast matmul (its rounding bounded); the near-ties are drawn by
+    draw_near_ties, and the few whose draw a rounding could change (3 in 100,000 cells) take sample_step. Every
+    cell so gets what sample_step, the plain update, gives it: the data are the plain rollout's, bit for bit."""
     R, S, _ = grid0.shape
+    C, dev, T = S * S, grid0.device, temperature
     n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)  # states, from the rule's 52 n + 64 weights
     w1, w2, w3 = unpack_rules(rules, n)
     # conv 3x3 then conv 1x1 with nothing between is one linear map, and its input is one-hot, so the
     # first two layers collapse into a lookup table: (neighbour k, that neighbour's state) -> 16 values.
     table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(R * 9 * n, HIDDEN2)
-    nbrs = torus_neighbours(S, grid0.device)                                        # (9, S*S)
-    first_row = (torch.arange(R, device=grid0.device) * 9 * n).view(R, 1, 1) \
-        + (torch.arange(9, device=grid0.device) * n).view(1, 9, 1)                  # (R, 9, 1)
-    if temperature > 0:
-        u = uniform(keys, n_steps * S * S).view(R, n_steps, S * S)
-    state = grid0.reshape(R, S * S)
-    states = [state]
+    # cell c's rows are r*9n + k*n + state[nbr(c, k)]: one index_select from the (R, 9, C) states + r*9n + k*n
+    first_row = ((torch.arange(R, device=dev) * 9).view(R, 1, 1) + torch.arange(9, device=dev).view(1, 9, 1)).int() * n
+    take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
+            + torus_neighbours(S, dev).t()).flatten()                                   # (R*C*9,)
+    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
+    states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
+    states[:, 0] = grid0.view(R, C)
+    fast = dev.type == 'cpu' and T > 0 and not identity_bias and R > 0  # a GPU's plain step needs no host round trip
+    if fast:
+        # the last row of w3x bounds sum_k h_k |w3_jk| for every j: the fast logits' rounding scales with it
+        w3x = torch.cat([w3, w3.abs().amax(1, keepdim=True)], 1)                        # (R, n + 1, 16)
+        biggest = (table.view(R, 9, n, HIDDEN2).clamp_min(0).amax(2).sum(1) * w3x[:, n]).sum(1).max().item()
+        # a runner-up further behind than cutoff cannot win the draw: the n - 1 weights below e^-(ln n + 17)
+        # sum to under 2^-24, the smallest uniform, so the cumulative weights are 1 from the best state on
+        cutoff = (math.log(n) + 17) * T + 2 * (2 * GAMMA16 + 2 * EPS32) * biggest * (1 + 2 * GAMMA16)  # 2 x the err
+        count_best = torch.stack([torch.ones(n, device=dev), torch.arange(n, device=dev)]).expand(R, 2, n).contiguous()
+        contender = torch.empty(R, n, C, device=dev)
+        states_np, keys_np = states.numpy(), keys.numpy()
+    else:
+        us = uniform(keys, n_steps * C).view(R, n_steps, C).unbind(1) if T else [None] * n_steps
     for t in range(n_steps):
-        rows = first_row + state[:, nbrs]                                           # (R, 9, S*S)
-        hidden = F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum')  # (R*S*S, 16)
-        logits = torch.bmm(F.relu(hidden).view(R, S * S, HIDDEN2), w3.transpose(1, 2))    # (R, S*S, n)
-        if identity_bias:
-            logits = logits + identity_bias * F.one_hot(state, n)
-        if temperature == 0:
-            state = logits.argmax(-1)
-        else:  # softmax(logits / T), unnormalised (categorical scales by the total); the clamp keeps exp out
-            # of the slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
-            weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
-            state = categorical(weights, u[:, t])
-        states.append(state)
-    return torch.stack(states, 1).view(R, n_steps + 1, S, S)
+        state = states[:, t]
+        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
+        h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_().view(R, C, HIDDEN2)
+        if not fast:
+            states[:, t + 1] = sample_step(h, w3, state.long(), us[t], T, identity_bias)
+            continue
+        fl = torch.bmm(w3x, h.transpose(1, 2))                                          # (R, n + 1, C)
+        torch.gt(fl[:, :n], fl[:, :n].amax(1, keepdim=True).sub_(cutoff), out=contender)
+        cb = torch.bmm(count_best, contender)                # (R, 2, C): how many contenders; the best if alone
+        states[:, t + 1] = cb[:, 1]
+        r, c = np.divmod(np.flatnonzero(cb.numpy()[:, 0] > 1.5), C)   # the near-ties
+        fl_near = fl.numpy()[r, :, c].astype(np.float64)                                # (m, n + 1)
+        u = ((hash_pairs(keys_np[r], t * C + c) >> 9) + 0.5) / 2 ** 23                  # uniform()'s values
+        states_np[r, t + 1, c], settled = draw_near_ties(fl_near[:, :n], fl_near[:, n], u, T)
+        if not settled.all():  # these cells take sample_step, run on their rules
+            r, c = r[~settled], c[~settled]
+            rs, row = np.unique(r, return_inverse=True)
+            u_rs = torch.full((len(rs), C), 0.5)  # any uniform elsewhere: only these cells' results are kept
+            u_rs[row, c] = torch.from_numpy(u[~settled]).float()
+            states_np[r, t + 1, c] = sample_step(h[rs], w3[rs], state[rs].long(), u_rs, T, 0.0).numpy()[row, c]
+    return states.long().view(R, n_steps + 1, S, S)
 
 
 # --- the patch tokenizer --------------------------------------------------------
 def frame_tokens(frames, n, p):
     """frames (R, T, S, S) -> (R, T, (S/p)**2) patch tokens, row-major; cell k of a patch (row-major)
     is digit k of the token in base n."""
-    R, T, S, _ = frames.shape
-    cells = frames.reshape(R, T, S // p, p, S // p, p).permute(0, 1, 2, 4, 3, 5).reshape(R, T, -1, p * p)
-    return (cells * n ** torch.arange(p * p, device=frames.device)).sum(-1)
+    tokens = 0
+    for k in range(p * p):  # cell k of every patch at once: a strided view, (R, T, S/p, S/p)
+        tokens = tokens + frames[..., k // p::p, k % p::p] * n ** k
+    return tokens.flatten(2)
 
 
 def tokenize(frames, n, p):
@@ -304,13 +376,33 @@ def trajectories(rules, keys, n_frames):
     return rollout(rules, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)[:, burn_in:]
 
 
+def one_thread_on_cpu(fn):
+    """Run fn with one intra-op thread on a CPU: the data engine's ops are too small to split (the fork-join
+    costs more than it saves), and on a shared machine a thread whose core another job holds stalls the rest
+    (README, Speed). zlib's threads in rule_complexity are apart from this."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1 if device == 'cpu' else before)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+@one_thread_on_cpu
 def rule_complexity(rules, keys):
-    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames."""
-    frames = trajectories(rules, keys, gzip_frames)
-    tokens = frame_tokens(frames, n_states, patch).flatten(1).cpu().numpy()
-    return torch.tensor(list(_gzip_pool.map(gzip_ratio, tokens)), dtype=torch.float32)
+    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames. On a
+    CPU 256 rules at a time: zlib's threads compress a part while the next one rolls out."""
+    chunk, ratios = 256 if rules.device.type == 'cpu' else max(len(rules), 1), []
+    for i in range(0, len(rules), chunk):
+        tokens = frame_tokens(trajectories(rules[i:i + chunk], keys[i:i + chunk], gzip_frames), n_states, patch)
+        ratios.append(_gzip_pool.map(gzip_ratio, tokens.flatten(1).cpu().numpy()))  # submitted, collected below
+    return torch.tensor([r for part in ratios for r in part], dtype=torch.float32)
 
 
+@one_thread_on_cpu
 def candidate_rules(split, rule_set, first, count):
     """Candidates first..first+count-1 of a rule set -> keys (count,), rules (count, P)."""
     keys = make_key(seed, SPLITS[split], RULES, rule_set, torch.arange(first, first + count, device=device))
@@ -353,6 +445,7 @@ def frame_len():
     return (grid // patch) ** 2 + 2  # START + patches + END: 38 at the defaults
 
 
+@one_thread_on_cpu
 def nca_sequences(rules, keys):
     """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per sequence."""
     n_frames = -(-(block_size + 1) // frame_len())  # 27 frames at the defaults

@@ -1,5 +1,6 @@
 """The NCA data engine: rules, rollout, tokenizer, filter, batches, Dyck. CPU, offline, seconds."""
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -47,6 +48,69 @@ def test_rollout_is_the_papers_conv_network(nca):
             h = F.relu(F.conv2d(h, w2[:, :, None, None]))
             state = F.conv2d(h, w3[:, :, None, None])[0].argmax(0)
             assert torch.equal(state, frames[r, t + 1]), (r, t)
+
+
+def plain_rollout(nca, rules, grid0, n_steps, keys, temperature, identity_bias):
+    """The rollout step by step as the paper's code makes it, every cell drawn: lookup table, ReLU, logits,
+    softmax(logits / T) by inverse CDF with uniform(keys)."""
+    R, S, _ = grid0.shape
+    n = (rules.size(1) - 64) // 52
+    w1, w2, w3 = nca.unpack_rules(rules, n)
+    table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(-1, 16)
+    first_row = (torch.arange(R).view(R, 1, 1) * 9 + torch.arange(9).view(1, 9, 1)) * n
+    u = nca.uniform(keys, n_steps * S * S).view(R, n_steps, S * S)
+    states = [grid0.reshape(R, S * S)]
+    for t in range(n_steps):
+        rows = first_row + states[-1][:, nca.torus_neighbours(S, 'cpu')]                      # (R, 9, S*S)
+        h = F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum').relu().view(R, S * S, 16)
+        logits = torch.bmm(h, w3.transpose(1, 2)) + identity_bias * F.one_hot(states[-1], n)
+        if temperature == 0:
+            states.append(logits.argmax(-1))
+        else:
+            weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
+            states.append(nca.categorical(weights, u[:, t]))
+    return torch.stack(states, 1).view(R, n_steps + 1, S, S)
+
+
+@pytest.mark.parametrize('temperature,identity_bias,n,size,tie', [
+    (1e-4, 0.0, 10, 12, False), (0.0, 0.0, 10, 12, False), (1e-4, 0.5, 10, 12, False), (1e-4, 0.0, 4, 8, False),
+    (1e-4, 0.0, 10, 12, True), (0.0, 0.0, 10, 12, True), (0.1, 0.0, 10, 8, False)])
+def test_rollout_draws_every_cell_as_the_plain_rollout(nca, monkeypatch, temperature, identity_bias, n, size, tie):
+    """The rollout decides most cells without a draw and near-ties under a rounding bound: its states must be
+    those of the plain step-by-step rollout bit for bit, near-ties and exact ties included (tie: state 1's
+    logits are state 0's in every rule); the cells the bound cannot settle go to sample_step. T = 0 and an
+    identity bias take the plain step for every cell."""
+    nca.n_states, nca.grid = n, size
+    keys, rules = nca.candidate_rules('train', 0, 0, 512)
+    if tie:
+        w3 = rules[:, -16 * n:].view(-1, n, 16)
+        w3[:, 1] = w3[:, 0]
+    grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), n, size)
+    noise = nca.make_key(keys, nca.NOISE)
+    calls, real = [], nca.sample_step
+    monkeypatch.setattr(nca, 'sample_step', lambda *a: calls.append(len(a[0])) or real(*a))
+    frames = nca.rollout(rules, grid0, 20, noise, temperature, identity_bias)
+    assert torch.equal(frames, plain_rollout(nca, rules, grid0, 20, noise, temperature, identity_bias))
+    assert calls                                          # the plain step settled some cells
+    if not tie and 0 < temperature < 0.1 and not identity_bias:
+        assert sum(calls) < 512 * 20 * 0.02                   # and only a few: most cells need no draw at all
+
+
+@pytest.mark.parametrize('n', [2, 4, 10, 16])
+def test_runner_ups_beyond_the_cutoff_never_win(nca, n):
+    """The rollout gives a cell its best state without a draw when every runner-up trails by more than
+    (ln n + 17) T: sample_step must then pick the best state even with the extreme uniforms."""
+    for temperature in (1e-4, 1e-2, 1.0):
+        gap = (math.log(n) + 17) * temperature
+        for best in range(n):
+            w3 = torch.full((1, n, 16), 0.0)
+            w3[0, :, 0] = -gap                       # logits = w3[:, :, 0]: every state at the cutoff ...
+            w3[0, best, 0] = 0.0                     # ... but the best
+            h = torch.zeros(1, 2, 16)
+            h[..., 0] = 1.0
+            u = torch.tensor([[2.0 ** -24, 1 - 2.0 ** -24]])  # the smallest and largest uniform() there is
+            state = torch.zeros(1, 2, dtype=torch.long)
+            assert nca.sample_step(h, w3, state, u, temperature, 0.0).tolist() == [[best] * 2]
 
 
 def test_tokens_to_grids_round_trip(nca):
@@ -188,17 +252,20 @@ def test_show_writes_json(tmp_path):
 
 
 def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
-    """Every draw (rule weights, initial grids, rollout noise, order, sequences) hashes a key of its own:
-    a key that feeds two calls would make two supposedly independent things functions of each other."""
+    """Every draw (rule weights, initial grids, rollout noise, order, sequences) hashes (key, counter) pairs of
+    its own: a pair that fed two draws would make two supposedly independent things functions of each other."""
     nca.grid, nca.block_size, nca.num_rules, nca.num_val_rules = 8, 40, 16, 8
-    seen, real = [], nca.hash_bits
-    monkeypatch.setattr(nca, 'hash_bits', lambda keys, n: seen.append(set(keys.tolist())) or real(keys, n))
+    seen, real = [], nca.hash_pairs
+
+    def record(keys, counters):
+        k, c = np.broadcast_arrays(np.asarray(keys), np.asarray(counters))
+        seen.append(set(zip(k.ravel().tolist(), c.ravel().tolist())))
+        return real(keys, counters)
+    monkeypatch.setattr(nca, 'hash_pairs', record)
     nca.nca_batch('train', 0, 4)
     nca.nca_batch('val', 0, 4)
     assert len(seen) >= 8
-    for a in range(len(seen)):
-        for b in range(a):
-            assert not seen[a] & seen[b], (a, b)
+    assert len(set().union(*seen)) == sum(map(len, seen))  # no pair twice, within a draw or across draws
 
 
 def test_copy_baseline_on_a_hand_made_case(nca, monkeypatch):
