@@ -1,6 +1,6 @@
 """
-Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BIG-bench Lite; compare runs, watch
-an NCA model.
+Evaluate a checkpoint of nca_gpt.py: perplexity per domain, GSM8K, HumanEval, BIG-bench Lite; compare runs; look
+at the NCA data and watch an NCA model.
 
     python eval.py ppl --ckpt=out-lm/ckpt.pt --datasets=openwebtext,openwebmath
     python eval.py gsm8k --ckpt=out-sft/ckpt.pt              # the paper's protocol: 3 shots, 32 samples at T 0.6
@@ -10,6 +10,7 @@ an NCA model.
     python eval.py bbl --ckpt=out-sft/ckpt.pt                # 19 BIG-bench Lite tasks, 2 shots, pass@k for chance
     python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # runs' log.jsonl, arms over seeds
     python eval.py watch --ckpt=out-nca                      # an NCA model's predictions on held-out rules, by frame
+    python eval.py nca [--num_rules=1024 --n_states=2 ...]   # the NCA data: automata, the filter's statistics
 
 Data comes from prepare_data.py (data/NAME/). Every run prints a table and writes a JSON (--out) with the
 numbers, the checkpoint, the settings and the seed. Samples are drawn in batches with a key/value cache: the
@@ -90,7 +91,7 @@ device = ''
 dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
-TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'watch']
+TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'watch', 'nca']
 vocab = dict(kind='gpt2', size=50257)  # load_model sets the checkpoint's: kind gpt2 | bytes; the embedding pads past size
 PROTOCOL = {  # n, temperature, top_p, max_new_tokens, stop strings
     'gsm8k': (32, 0.6, 1.0, 250, ['\n\nQuestion:', 'Question:']),
@@ -408,7 +409,7 @@ def check_inputs(task):
     """The files a task reads exist: checked before the model is loaded, each miss one line on what to run."""
     if task == 'humaneval' and samples and not os.path.exists(samples):
         die(f"no {samples}: --samples names a jsonl of {{task_id, completion}} rows, as openai/human-eval writes them")
-    for name in datasets.split(',') if task == 'ppl' else [task] if task not in ('compare', 'watch') else []:
+    for name in datasets.split(',') if task == 'ppl' else [task] if task not in ('compare', 'watch', 'nca') else []:
         meta = os.path.join(data_dir, name, 'meta.json')
         if not os.path.exists(meta):
             die(f"no {meta}: run `python prepare_data.py {name}` first")
@@ -597,8 +598,70 @@ def eval_bbl(model):
 
 
 # =============================================================================
-# Watching an NCA model infer a rule in context
+# The NCA data (eval.py nca), and an NCA model inferring a rule in context (eval.py watch)
 # =============================================================================
+PALETTE = [196, 46, 21, 226, 201, 51, 255, 130, 240, 208]  # xterm-256 colours, one per state, and in RGB:
+RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (238, 238, 238), (175, 95, 0),
+       (88, 88, 88), (255, 135, 0)]
+NCA_DATA = ('grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper',
+            'gzip_frames', 'num_rules', 'num_val_rules', 'block_size')  # nca_gpt.py's options that make its NCA data
+
+
+def draw_frames(frames, color, wrong=None):
+    """frames (T, S, S) -> lines of text: frames side by side, two characters per cell; cells where `wrong`
+    (T, S, S) is set are marked with a '*'."""
+    wrong = torch.zeros_like(frames, dtype=torch.bool) if wrong is None else wrong
+
+    def cell(v, bad):
+        if color and v < len(PALETTE):
+            return f"\x1b[48;5;{PALETTE[v]}m{'><' if bad else '  '}\x1b[0m"
+        return (f"{v:x}" if v < 16 else f"{v}") + ('*' if bad else ' ')
+    return ['   '.join(''.join(cell(v, b) for v, b in zip(row, bad)) for row, bad in zip(rows, bads))
+            for rows, bads in zip(frames.transpose(0, 1).tolist(), wrong.transpose(0, 1).tolist())]
+
+
+def use_color():
+    return sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
+
+
+def eval_nca(_):
+    """eval.py nca [--n_states=... any of NCA_DATA]: four automata of the band, then the statistics of the filter
+    over --num_rules candidate rules (gzip-ratio quantiles, share per band, acceptance) and the patch tokens'
+    frequency by rank. Its speed: tests/bench_nca.py."""
+    g = nca_gpt
+    keys, rules = g.candidate_rules('train', 0, 0, g.num_rules)
+    ratios = torch.cat([g.rule_complexity(rules[i:i + 2048], keys[i:i + 2048]) for i in range(0, g.num_rules, 2048)])
+    in_band = (g.gzip_lower < ratios) & (ratios < g.gzip_upper)
+    if not in_band.any():
+        g.no_rule_in_band(ratios)
+    kept, kept_keys = rules[in_band.to(rules.device)], keys[in_band.to(rules.device)]
+    print(f"Four rules in the band ({g.gzip_lower}, {g.gzip_upper}), frames 0-3 after {g.burn_in} burn-in steps:")
+    for r, (f, ratio) in enumerate(zip(g.trajectories(kept[:4], kept_keys[:4], 4).cpu(), ratios[in_band][:4].tolist())):
+        print(f"\nrule {r}, gzip ratio {ratio:.3f}\n" + '\n'.join(draw_frames(f, use_color())))
+
+    q = np.quantile(ratios.numpy(), [0.1, 0.25, 0.5, 0.75, 0.9])
+    shares = {f"{lo}-{hi}": float(((lo < ratios) & (ratios < hi)).float().mean())
+              for lo, hi in [(0.0, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 1.0)]}
+    print(f"\ngzip ratio of {g.num_rules} candidate rules: quantiles 10/25/50/75/90% = {' / '.join(f'{v:.3f}' for v in q)}")
+    print("share per band: " + ', '.join(f"{k} {v:.1%}" for k, v in shares.items()))
+    print(f"band ({g.gzip_lower}, {g.gzip_upper}) accepts {in_band.float().mean():.1%}")
+    # token frequency by rank over (at most) 256 sequences, and its log-log slope (Zipf: about -1)
+    B = min(256, len(kept))
+    seq = g.nca_sequences(kept[:B], g.make_key(kept_keys[:B], g.SEQUENCES))
+    counts = np.sort(np.bincount(seq[seq < g.n_states ** (g.patch * g.patch)].cpu().numpy()))[::-1]
+    counts = counts[counts > 0]
+    freqs = counts / counts.sum()
+    slope = float(np.polyfit(np.log(np.arange(1, len(counts) + 1)), np.log(counts), 1)[0]) if len(counts) > 1 else 0.0
+    print(f"token frequency by rank over {B} sequences ({len(freqs)} distinct patch tokens, Zipf slope {slope:.2f}): "
+          + ', '.join(f"{r}: {freqs[r - 1]:.3%}" for r in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+                      if r <= len(freqs)))
+    acceptance = float(in_band.float().mean())
+    return dict(scores={'acceptance': acceptance, 'median gzip ratio': float(q[2])}, band=[g.gzip_lower, g.gzip_upper],
+                quantiles=dict(zip(['p10', 'p25', 'p50', 'p75', 'p90'], q.tolist())), band_shares=shares,
+                acceptance=acceptance, zipf_slope=slope, token_freq_by_rank=freqs[:1000].tolist(), gzip_ratios=ratios.tolist(),
+                nca={k: getattr(g, k) for k in NCA_DATA})
+
+
 def write_png(path, image):
     """image (H, W, 3) uint8 -> a PNG file, with zlib alone (no imaging library needed)."""
     import struct
@@ -623,8 +686,7 @@ def eval_watch(_, n_rules=3, n_summary=32):
     if checkpoint['stage'] != 'nca':
         die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: watch draws the predictions of an nca one")
     g = nca_gpt  # its NCA data, as the model was trained on it: held-out rules of the same settings and seed
-    for k in ('seed', 'grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper',
-              'gzip_frames', 'num_val_rules', 'block_size'):
+    for k in ('seed',) + NCA_DATA:
         setattr(g, k, checkpoint['config'][k])
     g.device, grid = device, g.grid
     model = GPT(**checkpoint['model_args'])
@@ -641,20 +703,20 @@ def eval_watch(_, n_rules=3, n_summary=32):
     acc = (patches(pred) == patches(x)).float().mean(-1)                  # (R, n)
     copy = (patches(x)[:, :-1] == patches(x)[:, 1:]).float().mean(-1)     # (R, n - 1): frame f from f - 1
     cols = sorted({1, 2, 3, max(1, n // 2), n - 1}) if n > 5 else list(range(1, n))
-    color = sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
+    color = use_color()
     print(f"{path}: step {checkpoint['iter_num']}; {n_rules} held-out rules, frames {', '.join(map(str, cols))} of "
           f"{n - 1} predicted ({'><' if color else '*'} = a wrong cell; accuracy over patches, copy = the previous frame's)")
     for r in range(n_rules):
-        print(f"\nrule {r}: true frames\n" + '\n'.join(g.draw_frames(true_f[r, cols], color)))
-        print("model's prediction\n" + '\n'.join(g.draw_frames(pred_f[r, cols], color, pred_f[r, cols] != true_f[r, cols])))
+        print(f"\nrule {r}: true frames\n" + '\n'.join(draw_frames(true_f[r, cols], color)))
+        print("model's prediction\n" + '\n'.join(draw_frames(pred_f[r, cols], color, pred_f[r, cols] != true_f[r, cols])))
         print('   '.join(f"{acc[r, c]:>4.0%} copy {copy[r, c - 1]:>4.0%}".ljust(2 * grid) for c in cols))
     print(f"\nover {n_summary} held-out rules, patch accuracy of frames 1-{n - 1}: "
           f"{' '.join(f'{v:.0%}' for v in acc[:, 1:].mean(0).tolist())}; copying: "
           f"{' '.join(f'{v:.0%}' for v in copy.mean(0).tolist())}")
     if png:  # rows: per rule, true then predicted (wrong cells crossed in black); 8 pixels a cell
-        rgb = torch.tensor(g.RGB, dtype=torch.uint8)
+        rgb = torch.tensor(RGB, dtype=torch.uint8)
         tiles = torch.stack([true_f[:n_rules, cols], pred_f[:n_rules, cols]], 1)  # (R, 2, C, S, S)
-        img = rgb[tiles.clamp_max(len(g.RGB) - 1).cpu()]               # (R, 2, C, S, S, 3)
+        img = rgb[tiles.clamp_max(len(RGB) - 1).cpu()]               # (R, 2, C, S, S, 3)
         img = img.repeat_interleave(8, 3).repeat_interleave(8, 4)         # (R, 2, C, 8S, 8S, 3)
         dot = torch.zeros(8, 8, dtype=torch.bool)
         dot[2:6, 2:6] = True                                              # a black dot marks a wrong cell
@@ -761,12 +823,16 @@ def eval_compare(_):
 
 def main(argv):
     global device, dtype, out
-    overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys},
+    nca_options = {k: getattr(nca_gpt, k) for k in NCA_DATA}  # eval.py nca takes nca_gpt.py's NCA data options
+    overrides, rest = parse_args(argv, {**nca_options, **{k: globals()[k] for k in config_keys}},
                                  {'style': ['paper', 'harness'], 'dtype': ['', 'float32', 'bfloat16']}, 'eval.py')
-    globals().update(overrides)
     if len(rest) != 1 or rest[0] not in TASKS:
         die(f"name one task: {', '.join(TASKS)}")
     task = rest[0]
+    misplaced = [k for k in overrides if k not in config_keys and task != 'nca']
+    if misplaced:
+        die(f"--{misplaced[0]} is an option of eval.py nca (the NCA data), not of eval.py {task}")
+    globals().update({k: v for k, v in overrides.items() if k in config_keys and not (task == 'nca' and k in nca_options)})
     positive = ('batch_size', 'workers', 'memory_mb', 'timeout')
     for k in ('n', 'max_tokens', 'max_new_tokens', 'limit', 'top_k') + positive:
         if globals()[k] < 0 or globals()[k] == 0 and k in positive:
@@ -776,12 +842,16 @@ def main(argv):
     dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
     check_inputs(task)
     torch.manual_seed(seed)
-    model, path = (None, None) if task in ('compare', 'watch') or (task == 'humaneval' and samples) else load_model()
+    if task == 'nca':  # nca_gpt.py's checks of its options, as its own run would make them
+        for k, v in dict(overrides, stage='nca', seed=seed, device=device).items():
+            setattr(nca_gpt, k, v)
+        nca_gpt.check_config()
+    model, path = (None, None) if task in ('compare', 'watch', 'nca') or (task == 'humaneval' and samples) else load_model()
     path = ckpt_file() if task == 'watch' else path
     out = out or os.path.join(os.path.dirname(path or ''), f'eval-{task}.json')
     t0 = time.time()
     result = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl,
-              'compare': eval_compare, 'watch': eval_watch}[task](model)
+              'compare': eval_compare, 'watch': eval_watch, 'nca': eval_nca}[task](model)
     if task == 'ppl':
         result = dict(scores={f"{k} {m}": v[m] for k, v in result.items() for m in ('ppl', 'bits_per_byte')}, datasets=result)
     result.update(task=task, checkpoint=path, seed=seed, seconds=time.time() - t0,

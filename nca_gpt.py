@@ -7,10 +7,9 @@ Read it top to bottom:
   2. the GPT (Llama-style)
   3. the transfer: keep the blocks, re-initialise the embedding and the head
   4. the training loop, one for every stage: nca | dyck -> lm -> sft
-  5. `--stage show`: look at the automata and at the statistics of the filter
+(eval.py nca draws automata and prints the filter's statistics; eval.py watch, a model predicting them.)
 
-Run:  python nca_gpt.py --stage show
-      python nca_gpt.py --stage nca                      (then --stage lm --init_from=out-nca, see README)
+Run:  python nca_gpt.py --stage nca                      (then --stage lm --init_from=out-nca, see README)
       torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
 Every config value below can be overridden as --key=value or --key value.
 """
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # config: module-level values, each overridable as --key=value or --key value
-stage = 'nca'           # show | nca | dyck | lm | sft
+stage = 'nca'           # nca | dyck | lm | sft
 preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise); see PRESETS below
 out_dir = ''            # where checkpoints and log.jsonl go ('' = out-{stage})
 init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | path of a checkpoint of any stage to transfer from
@@ -51,7 +50,7 @@ gzip_lower = 0.5        # keep a rule when gzip_lower < ratio < gzip_upper: (0.5
 gzip_upper = 1.0        #   and math, (0.3, 0.4) for code in the paper
 gzip_frames = 10        # frames after burn-in that the filter compresses
 band = ''               # 'auto': choose gzip_lower, gzip_upper from the gzip ratio of --dataset (README)
-num_rules = 16000       # training rules per epoch (--stage show: candidate rules to analyse)
+num_rules = 16000       # training rules per epoch (eval.py nca: candidate rules to analyse)
 num_val_rules = 2000    # held-out rules, never trained on
 rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run (the authors' code)
 nca_loss = 'patches'    # patches: START/END out of the loss | all: START/END predicted too (the authors' code)
@@ -92,8 +91,6 @@ grad_clip = 1.0         # 0 disables
 device = ''             # '' picks cuda, then mps, then cpu
 dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
 compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
-# --stage show
-json = ''               # also write the statistics to this path
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 
 # Presets set many values at once: defaults < preset ('all', then the stage's) < the command line.
@@ -123,7 +120,7 @@ PRESETS = {
               'sft': dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
                           lr_decay_iters=0)},
 }
-CHOICES = {'stage': ['show', 'nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
+CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
            'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto']}
 # -----------------------------------------------------------------------------
 
@@ -1061,75 +1058,6 @@ def free_memory(device):
 
 
 # =============================================================================
-# 5. --stage show: see the automata and the statistics of the filter
-# =============================================================================
-PALETTE = [196, 46, 21, 226, 201, 51, 255, 130, 240, 208]  # xterm-256 colours, one per state, and in RGB:
-RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (238, 238, 238), (175, 95, 0),
-       (88, 88, 88), (255, 135, 0)]
-
-
-def draw_frames(frames, color, wrong=None):
-    """frames (T, S, S) -> lines of text: frames side by side, two characters per cell; cells where `wrong`
-    (T, S, S) is set are marked with a '*'."""
-    wrong = torch.zeros_like(frames, dtype=torch.bool) if wrong is None else wrong
-
-    def cell(v, bad):
-        if color and v < len(PALETTE):
-            return f"\x1b[48;5;{PALETTE[v]}m{'><' if bad else '  '}\x1b[0m"
-        return (f"{v:x}" if v < 16 else f"{v}") + ('*' if bad else ' ')
-    return ['   '.join(''.join(cell(v, b) for v, b in zip(row, bad)) for row, bad in zip(rows, bads))
-            for rows, bads in zip(frames.transpose(0, 1).tolist(), wrong.transpose(0, 1).tolist())]
-
-
-def zipf_stats(tokens):
-    """Token frequency against rank; the slope of log frequency over log rank (Zipf: about -1)."""
-    counts = np.sort(np.bincount(tokens.ravel()))[::-1]
-    counts = counts[counts > 0]
-    ranks = np.arange(1, len(counts) + 1)
-    slope = np.polyfit(np.log(ranks), np.log(counts), 1)[0] if len(counts) > 1 else 0.0
-    return counts / counts.sum(), float(slope)
-
-
-def show():
-    """Four automata of the band, and the statistics of the filter (its speed: tests/bench_nca.py)."""
-    keys, rules = candidate_rules('train', 0, 0, num_rules)
-    ratios = torch.cat([rule_complexity(rules[i:i + 2048], keys[i:i + 2048]) for i in range(0, num_rules, 2048)])
-    in_band = (gzip_lower < ratios) & (ratios < gzip_upper)
-    if not in_band.any():
-        no_rule_in_band(ratios)
-    kept, kept_keys = rules[in_band.to(rules.device)], keys[in_band.to(rules.device)]
-
-    color = sys.stdout.isatty() and os.environ.get('TERM', 'dumb') != 'dumb' and 'NO_COLOR' not in os.environ
-    print(f"Four rules in the band ({gzip_lower}, {gzip_upper}), frames 0-3 after {burn_in} burn-in steps:")
-    frames = trajectories(kept[:4], kept_keys[:4], 4)
-    for r, (f, ratio) in enumerate(zip(frames.cpu(), ratios[in_band][:4].tolist())):
-        print(f"\nrule {r}, gzip ratio {ratio:.3f}")
-        print('\n'.join(draw_frames(f, color)))
-
-    q = np.quantile(ratios.numpy(), [0.1, 0.25, 0.5, 0.75, 0.9])
-    bands = [(0.0, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 1.0)]
-    shares = {f"{lo}-{hi}": float(((lo < ratios) & (ratios < hi)).float().mean()) for lo, hi in bands}
-    print(f"\ngzip ratio of {num_rules} candidate rules: quantiles 10/25/50/75/90% = {' / '.join(f'{v:.3f}' for v in q)}")
-    print("share per band: " + ', '.join(f"{k} {v:.1%}" for k, v in shares.items()))
-    print(f"band ({gzip_lower}, {gzip_upper}) accepts {in_band.float().mean():.1%}")
-
-    B = min(256, len(kept))
-    seq = nca_sequences(kept[:B], make_key(kept_keys[:B], SEQUENCES))
-    freqs, slope = zipf_stats(seq[seq < n_states ** (patch * patch)].cpu().numpy())
-    print(f"token frequency by rank over {B} sequences ({len(freqs)} distinct patch tokens, Zipf slope {slope:.2f}): "
-          + ', '.join(f"{r}: {freqs[r - 1]:.3%}" for r in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-                      if r <= len(freqs)))
-
-    if json:
-        stats = dict(num_rules=num_rules, seed=seed, device=device, band=[gzip_lower, gzip_upper],
-                     quantiles=dict(zip(['p10', 'p25', 'p50', 'p75', 'p90'], q.tolist())), band_shares=shares,
-                     acceptance=float(in_band.float().mean()), zipf_slope=slope, token_freq_by_rank=freqs[:1000].tolist(),
-                     gzip_ratios=ratios.tolist())
-        atomic_write(json, lambda f: jsonlib.dump(stats, open(f, 'w')))
-        print(f"wrote {json}")
-
-
-# =============================================================================
 # Command line
 # =============================================================================
 def atomic_write(path, write):
@@ -1185,7 +1113,7 @@ def configure(argv):
     lengths = [k for k in ('max_iters', 'max_tokens', 'epochs') if k in overrides]
     if len(lengths) > 1:
         die(f"--{lengths[0]} and --{lengths[1]} both set the run's length: give one")
-    note = apply_preset(overrides) if overrides.get('stage', stage) != 'show' else ''
+    note = apply_preset(overrides)
     # the run's length from the command line beats the preset's epochs, and the preset's warm-up and decay
     # follow it (unless given too): they are kept as shares of the preset's length (README: Presets)
     schedule_shares = {k: globals()[k] / max(max_iters, 1) for k in ('warmup_iters', 'lr_decay_iters') if k not in overrides}
@@ -1260,7 +1188,7 @@ def main(argv):
     if band == 'auto':
         auto_band()
     try:
-        show() if stage == 'show' else train()
+        train()
     except KeyboardInterrupt:  # Ctrl-C: one line on where to go on (a checkpoint is written whole or not at all)
         saved = progress.get('saved')
         if int(os.environ.get('RANK', 0)) == 0:

@@ -13,7 +13,7 @@ import eval as ev  # noqa: E402
 
 
 @pytest.mark.parametrize('script,args,message', [
-    ('nca_gpt.py', ['--stage=nope'], 'is not one of: show'),
+    ('nca_gpt.py', ['--stage=nope'], 'is not one of: nca, dyck, lm, sft'),
     ('nca_gpt.py', ['--nope=1'], 'unknown option --nope; valid options:'),
     ('nca_gpt.py', ['--num_rules', 'many'], '--num_rules=many is not a valid int'),
     ('nca_gpt.py', ['--num_rules'], '--num_rules needs a value'),
@@ -26,9 +26,10 @@ import eval as ev  # noqa: E402
     ('nca_gpt.py', ['--patch=3', '--n_states=10'], 'gives 10^9 patch tokens, over 2^16'),
     ('nca_gpt.py', ['--n_head=3'], '--n_head can be 1, 2, 4, 8, 16, 32, 64'),
     ('nca_gpt.py', ['--block_size=20'], 'shorter than two frames of 38 tokens'),
-    ('nca_gpt.py', ['--stage=show', '--n_states=4', '--num_rules=256'], 'kept no rule'),
-    ('nca_gpt.py', ['--stage=show', '--gzip_lower=0.95', '--num_rules=256'], 'kept no rule'),
-    ('nca_gpt.py', ['--stage=show', '--num_rules=0'], '--num_rules=0 must be at least 1'),
+    ('eval.py', ['nca', '--n_states=4', '--num_rules=256'], 'kept no rule'),
+    ('eval.py', ['nca', '--gzip_lower=0.95', '--num_rules=256'], 'kept no rule'),
+    ('eval.py', ['nca', '--num_rules=0'], '--num_rules=0 must be at least 1'),
+    ('eval.py', ['ppl', '--n_states=3'], '--n_states is an option of eval.py nca'),
     ('nca_gpt.py', ['--gzip_lower=0.6', '--gzip_upper=0.4'], 'is empty: the lower bound must be below'),
     ('nca_gpt.py', ['--stage=lm', '--dataset=gsm8k', '--data_dir={data}'], 'gsm8k is a benchmark, not a corpus'),
     ('eval.py', ['ppl', '--device=cuda'], '--device=cuda is not available on this machine'),

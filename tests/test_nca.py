@@ -236,19 +236,15 @@ def test_dyck_sequences_are_balanced_and_within_depth(nca):
     assert deepest == max_depth
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'nca_gpt.py'), *args], capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_show_writes_json(tmp_path):
-    out = tmp_path / 'show.json'
-    p = run_script('--stage', 'show', '--num_rules=64', '--seed', '3', '--device=cpu', f'--json={out}')
+def test_eval_nca_writes_the_filter_statistics(tmp_path):
+    out = tmp_path / 'nca.json'
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), 'nca', '--num_rules=64', '--seed=3', '--device=cpu',
+                        '--gzip_lower=0.4', f'--out={out}'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert 'gzip ratio of 64 candidate rules' in p.stdout and 'Zipf slope' in p.stdout
     stats = json.loads(out.read_text())
-    assert len(stats['gzip_ratios']) == 64 and 0 < stats['acceptance'] < 1
-    assert abs(stats['acceptance'] - np.mean([0.5 < r < 1.0 for r in stats['gzip_ratios']])) < 1e-9
+    assert len(stats['gzip_ratios']) == 64 and 0 < stats['acceptance'] < 1 and stats['nca']['gzip_lower'] == 0.4
+    assert abs(stats['acceptance'] - np.mean([0.4 < r < 1.0 for r in stats['gzip_ratios']])) < 1e-9
 
 
 def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
