@@ -96,6 +96,7 @@ config_keys = [k for k, v in globals().items() if not k.startswith('_') and isin
 # Presets set many values at once: defaults < preset ('all', then the stage's) < the command line.
 PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4, weight_decay=1e-4, min_lr=0.0,
                 max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
+FINETUNE = dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0, lr_decay_iters=0)
 PRESETS = {
     # any CPU, a few minutes: every stage end to end. Its NCA data is not the paper's (README: both side by side):
     # 10 states (10^4 tokens) teach little in minutes; 2 states in 13 frames show the rule inferred in context
@@ -111,14 +112,11 @@ PRESETS = {
               'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
               'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4, weight_decay=1e-4,
                          max_iters=5000, warmup_iters=500, lr_decay_iters=5000, min_lr=6e-5),
-              'sft': dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
-                          lr_decay_iters=0)},
+              'sft': FINETUNE},
     # the paper: 1.6B parameters; NCA: Adam 1e-4, 32 x 1024 tokens, 5,000 updates, stop at the end of warm-up
     'paper': {'all': dict(n_layer=24, n_head=32, n_embd=2048, dropout=0.1, compile=True, eval_interval=500),
               'nca': dict(stop_at_peak=True), 'dyck': dict(stop_at_peak=True),
-              'lm': PAPER_LM,
-              'sft': dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
-                          lr_decay_iters=0)},
+              'lm': PAPER_LM, 'sft': FINETUNE},
 }
 CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
            'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto']}
@@ -505,16 +503,12 @@ EOT = 50256  # GPT-2's <|endoftext|>; tiktoken's r50k_base has the same ids as g
 vocab = None  # set by train(): what the token ids of this run mean (stage_vocab)
 
 
-@functools.lru_cache(maxsize=8)
-def _read_meta(path):
-    return jsonlib.load(open(path))
-
-
-def dataset_meta(name):
-    path = os.path.join(data_dir, name, 'meta.json')
+@functools.lru_cache(maxsize=8)  # read once: lm_batch asks every batch
+def dataset_meta(folder, name):
+    path = os.path.join(folder, name, 'meta.json')
     if not os.path.exists(path):
-        die(f"no dataset {name!r} in {data_dir}/: run `python prepare_data.py {name}` first")
-    return _read_meta(path)  # read once: lm_batch asks every batch
+        die(f"no dataset {name!r} in {folder}/: run `python prepare_data.py {name}` first")
+    return jsonlib.load(open(path))
 
 
 def data_file(split):
@@ -524,7 +518,7 @@ def data_file(split):
         if not os.path.exists(path):
             die(f"no {path}: --stage sft trains on the pairs of `prepare_data.py gsm8k` (or bbl): give --dataset=gsm8k")
         return path
-    path, n = os.path.join(data_dir, dataset, f'{split}.bin'), dataset_meta(dataset).get(f'{split}_tokens')
+    path, n = os.path.join(data_dir, dataset, f'{split}.bin'), dataset_meta(data_dir, dataset).get(f'{split}_tokens')
     if n is None:
         die(f"{dataset} is a benchmark, not a corpus: --stage lm trains on one that prepare_data.py tokenises")
     if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
@@ -599,7 +593,7 @@ def stage_vocab():
     if stage == 'dyck':
         return dict(kind='dyck', size=2 * dyck_k)
     if stage == 'lm':  # what prepare_data.py wrote: GPT-2 tokens or bytes
-        meta = dataset_meta(dataset)
+        meta = dataset_meta(data_dir, dataset)
         return dict(kind=meta.get('tokenizer', 'gpt2'), size=meta.get('vocab_size', 50257))
     return dict(kind='gpt2', size=50257)  # sft from scratch (from a checkpoint it keeps the checkpoint's)
 
@@ -1170,7 +1164,7 @@ def auto_band():
     global gzip_lower, gzip_upper
     if n_states != 10:
         die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
-    measured = dataset_meta(dataset).get('gzip_ratio') or {}
+    measured = dataset_meta(data_dir, dataset).get('gzip_ratio') or {}
     if 'band' not in measured:
         die(f"--band=auto: data/{dataset}/meta.json has no band: prepare it again (online once, for GPT-2's "
             f"tokenizer), or give --gzip_lower and --gzip_upper")

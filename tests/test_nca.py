@@ -315,11 +315,11 @@ def test_band_auto_follows_the_corpus_gzip_ratio(nca, tmp_path, ratio, band):
     meta = dict(tokenizer='bytes', gzip_ratio=dict(median=ratio, band=prepare_data.nca_band(ratio)))
     (tmp_path / 'corpus' / 'meta.json').write_text(json.dumps(meta))
     nca.data_dir, nca.dataset, nca.n_states = str(tmp_path), 'corpus', 10
-    nca._read_meta.cache_clear()
+    nca.dataset_meta.cache_clear()
     nca.auto_band()
     assert [nca.gzip_lower, nca.gzip_upper] == band
     del meta['gzip_ratio']['band']  # a meta.json of an older prepare_data.py: refused, saying what to do
     (tmp_path / 'corpus' / 'meta.json').write_text(json.dumps(meta))
-    nca._read_meta.cache_clear()
+    nca.dataset_meta.cache_clear()
     with pytest.raises(SystemExit, match='has no band: prepare it again'):
         nca.auto_band()
