@@ -482,7 +482,8 @@ def eval_ppl(model):
             xy = torch.from_numpy(np.stack(rows)).to(device)
             with torch.no_grad(), autocast():
                 logits, _ = model(xy[:, :-1])
-            window_loss += F.cross_entropy(logits.float().transpose(1, 2), xy[:, 1:], reduction='none').mean(1).tolist()
+            token_loss = F.cross_entropy(logits.float().flatten(0, 1), xy[:, 1:].flatten(), reduction='none')
+            window_loss += token_loss.view(len(rows), T).double().mean(1).tolist()
             text_bytes += n_bytes[xy[:, 1:].cpu()].sum().item()
         loss, count = float(np.mean(window_loss)), len(window_loss) * T
         se = float(np.std(window_loss) / math.sqrt(max(len(window_loss) - 1, 1)))  # of the mean over windows

@@ -279,6 +279,19 @@ def test_generation_fits_the_context_and_prompts_stay_whole(capsys):
         ev.fit_to_context([[1] * 10, [1] * 40], 8, 40)
 
 
+def test_a_small_context_shortens_generation_or_refuses_the_prompt(bench_dir):
+    torch.manual_seed(0)
+    args = dict(vocab_size=50304, n_layer=1, n_head=2, n_embd=32, block_size=48, dropout=0.0)
+    torch.save(dict(model=nca_gpt.GPT(**args).state_dict(), model_args=args, vocab=dict(kind='gpt2', size=50257),
+                    stage='lm', iter_num=0), bench_dir / 'small.pt')
+    common = [f'--ckpt={bench_dir / "small.pt"}', f'--data_dir={bench_dir / "data"}', '--limit=2', '--n=2']
+    p = run_eval('humaneval', *common, '--timeout=3', cwd=bench_dir)  # prompts of ~7 tokens, 500 new by default
+    assert p.returncode == 0 and "2 of 2 prompts leave less than --max_new_tokens=500 in the model's context of 48" \
+        in p.stdout, p.stderr[-2000:]
+    p = run_eval('gsm8k', *common, cwd=bench_dir)  # 3 solved shots: longer than the whole context
+    assert p.returncode != 0 and 'the prompt of problem 0 is' in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
 def test_padding_ids_are_never_sampled(tiny_model):
     with torch.no_grad():  # make an id that only pads the embedding (50257..50303) the most likely by far
         tiny_model.head.weight[50300] = tiny_model.head.weight[:50257].abs().max() * 1000

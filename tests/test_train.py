@@ -247,7 +247,8 @@ def test_clear_errors(tmp_path, args, message):
 def test_ctrl_c_says_where_to_resume(tmp_path):
     args = [*FAST, '--stage=nca', '--max_iters=100000', '--eval_interval=4', f'--out_dir={tmp_path}']
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'nca_gpt.py'), *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, 'PYTHONUNBUFFERED': '1'},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's `&` ignores it
     for line in p.stdout:
         if line.startswith('step 6 |'):  # after the checkpoint of step 4
             p.send_signal(signal.SIGINT)
