@@ -8,6 +8,7 @@
 #   bash tests/reproduce.sh --list       # only print the commands, in an order that respects dependencies
 #   SEEDS="1 2" RECIPES=A OUT=out-repro bash tests/reproduce.sh
 #   SWEEP=1 bash tests/reproduce.sh      # then the band sweep: bands 0.2-0.3, 0.3-0.4, 0.4-0.5 beside 0.5-1.0
+#   RECIPES=C ARMS_ONLY="scratch nca shuffled" bash tests/reproduce.sh   # stage 2 three times B's length
 #
 # A finished run (out_dir/done) is skipped, so a killed reproduction continues where it stopped.
 set -euo pipefail
@@ -27,12 +28,17 @@ S1="$MODEL --grid=12 --n_states=10 --patch=2 --gzip_lower=0.5 --gzip_upper=1.0 -
 declare -A S2=(
   [A]="$MODEL --max_iters=400 --warmup_iters=40 --lr_decay_iters=400 --learning_rate=3e-3 --min_lr=3e-4 --weight_decay=0 --eval_interval=50"
   [B]="$MODEL --max_iters=800 --warmup_iters=80 --lr_decay_iters=800 --learning_rate=1e-3 --min_lr=1e-4 --weight_decay=0.1 --eval_interval=50"
-)
+  [C]="$MODEL --max_iters=2400 --warmup_iters=240 --lr_decay_iters=2400 --learning_rate=1e-3 --min_lr=1e-4 --weight_decay=0.1 --eval_interval=100"
+)  # C: B three times longer (24x stage 1), for whether a longer stage 2 closes the gap: RECIPES=C ARMS_ONLY="scratch nca shuffled"
 # stage-1 arms (name:flags), stage-2 arms (name:stage-1 arm:transfer flags; scratch has no stage 1)
 STAGE1=("nca:--stage=nca" "shuffled:--stage=nca --nca_shuffle=true" "authorsloss:--stage=nca --nca_loss=all"
         "dyck:--stage=dyck")
 ARMS=("scratch::" "nca:nca:" "nca-attn:nca:--reinit=mlp" "shuffled:shuffled:" "authorsloss:authorsloss:" "dyck:dyck:")
 TAG=""
+if [ -n "${ARMS_ONLY:-}" ]; then  # only these stage-2 arms (and the stage-1 runs they start from)
+  keep=(); for item in "${ARMS[@]}"; do [[ " $ARMS_ONLY " == *" ${item%%:*} "* ]] && keep+=("$item"); done; ARMS=("${keep[@]}")
+  keep=(); for item in "${STAGE1[@]}"; do [[ " ${ARMS[*]} " == *":${item%%:*}:"* ]] && keep+=("$item"); done; STAGE1=("${keep[@]}")
+fi
 if [ "${SWEEP:-0}" = 1 ]; then
   TAG=-sweep
   STAGE1=("band0.2:--stage=nca --gzip_lower=0.2 --gzip_upper=0.3" "band0.3:--stage=nca --gzip_lower=0.3 --gzip_upper=0.4"
