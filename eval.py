@@ -631,7 +631,7 @@ def eval_nca(_):
     frequency by rank. Its speed: tests/bench_nca.py."""
     g = nca_gpt
     keys, rules = g.candidate_rules('train', 0, 0, g.num_rules)
-    ratios = torch.cat([g.rule_complexity(rules[i:i + 2048], keys[i:i + 2048]) for i in range(0, g.num_rules, 2048)])
+    ratios = g.rule_complexity(rules, keys)
     in_band = (g.gzip_lower < ratios) & (ratios < g.gzip_upper)
     if not in_band.any():
         g.no_rule_in_band(ratios)
@@ -728,7 +728,6 @@ def eval_watch(_, n_rules=3, n_summary=32):
         print(f"wrote {png}")
     return dict(scores={'next-frame acc, last frame': acc[:, -1].mean().item(), 'copy acc, last frame': copy[:, -1].mean().item()},
                 frame_acc=acc[:, 1:].mean(0).tolist(), copy_acc=copy.mean(0).tolist(), rules=n_summary)
-
 
 
 # =============================================================================
@@ -844,7 +843,7 @@ def main(argv):
     check_inputs(task)
     torch.manual_seed(seed)
     if task == 'nca':  # nca_gpt.py's checks of its options, as its own run would make them
-        for k, v in dict(overrides, stage='nca', seed=seed, device=device).items():
+        for k, v in dict({k: v for k, v in overrides.items() if k in NCA_DATA}, stage='nca', seed=seed, device=device).items():
             setattr(nca_gpt, k, v)
         nca_gpt.check_config()
     model, path = (None, None) if task in ('compare', 'watch', 'nca') or (task == 'humaneval' and samples) else load_model()

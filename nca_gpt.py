@@ -7,7 +7,7 @@ Read it top to bottom:
   2. the GPT (Llama-style)
   3. the transfer: keep the blocks, re-initialise the embedding and the head
   4. the training loop, one for every stage: nca | dyck -> lm -> sft
-(eval.py nca draws automata and prints the filter's statistics; eval.py watch, a model predicting them.)
+  (eval.py nca draws automata and prints the filter's statistics; eval.py watch, a model predicting them)
 
 Run:  python nca_gpt.py --stage nca                      (then --stage lm --init_from=out-nca, see README)
       torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
@@ -15,7 +15,7 @@ Every config value below can be overridden as --key=value or --key value.
 """
 import functools
 import gzip
-import json as jsonlib  # `json` is a config key (--json=PATH)
+import json
 import math
 import os
 import sys
@@ -251,12 +251,13 @@ def draw_near_ties(x, bound, u, temperature):
     whether that draw holds for every rounding a matmul may do: x is within err of sample_step's logits."""
     err = (2 * GAMMA16 + 2 * EPS32) * bound * (1 + 2 * GAMMA16)
     # logits off by err move any ratio of weights by a factor kappa at most (1e-4 more: sample_step's float32
-    # rounding); categorical() draws j = #{i: weight up to i < u * total}, so j lies between low and high
+    # exp), and its float32 sums and u * total are off by slack at most (n + 2 roundings of the total, twice);
+    # categorical() draws j = #{i: weight up to i < u * total}, so j lies between low and high
     kappa = np.exp(2 * err / temperature + 1e-4)[:, None]
     upto = np.cumsum(np.exp(np.maximum((x - x.max(1, keepdims=True)) / temperature, -80)), 1)  # weight up to i
-    after = upto[:, -1:] - upto
-    low = (kappa * upto < u[:, None] * (kappa * upto + after)).sum(1)    # every rounding for the states up to i
-    high = (upto < u[:, None] * (upto + kappa * after)).sum(1)           # every rounding against them
+    after, slack = upto[:, -1:] - upto, 2 * (x.shape[1] + 2) * EPS32 * upto[:, -1:]
+    low = (kappa * upto + slack < u[:, None] * (kappa * upto + after)).sum(1)  # every rounding for the states up to i
+    high = (upto - slack < u[:, None] * (upto + kappa * after)).sum(1)         # every rounding against them
     return high, low == high
 
 
@@ -284,7 +285,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
             + torus_neighbours(S, dev).t()).flatten()                                   # (R*C*9,)
     bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
     states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
-    states[:, 0] = grid0.view(R, C)
+    states[:, 0] = grid0.reshape(R, C)
     fast = dev.type == 'cpu' and T > 0 and not identity_bias and R > 0  # a GPU's plain step needs no host round trip
     if fast:
         # the last row of w3x bounds sum_k h_k |w3_jk| for every j: the fast logits' rounding scales with it
@@ -301,6 +302,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     for t in range(n_steps):
         state = states[:, t]
         rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
+        # F.embedding_bag(rows, table, bags, mode='sum') without its Python-side checks: (R*C, 16), then the ReLU
         h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_().view(R, C, HIDDEN2)
         if not fast:
             states[:, t + 1] = sample_step(h, w3, state.long(), us[t], T, identity_bias)
@@ -508,7 +510,7 @@ def dataset_meta(folder, name):
     path = os.path.join(folder, name, 'meta.json')
     if not os.path.exists(path):
         die(f"no dataset {name!r} in {folder}/: run `python prepare_data.py {name}` first")
-    return jsonlib.load(open(path))
+    return json.load(open(path))
 
 
 def data_file(split):
@@ -544,7 +546,7 @@ def sft_examples(split):
     path, kind = data_file(split), (vocab or stage_vocab())['kind']
     if (path, kind) not in _sft_cache:
         encode, _, eot = text_codec(kind)
-        rows = [jsonlib.loads(line) for line in open(path) if line.strip()]
+        rows = [json.loads(line) for line in open(path) if line.strip()]
         prompts = [encode(r['prompt']) for r in rows]
         _sft_cache[path, kind] = [(p + encode(r['answer']) + [eot], len(p)) for p, r in zip(prompts, rows)]
     return _sft_cache[path, kind]
@@ -1015,14 +1017,14 @@ def load_checkpoint(path):
 
 def open_log(path, step):
     """log.jsonl, one JSON object a line; on resume the lines after the checkpoint's step are dropped."""
-    kept = [line for line in open(path) if jsonlib.loads(line)['step'] <= step] if step and os.path.exists(path) else []
+    kept = [line for line in open(path) if json.loads(line)['step'] <= step] if step and os.path.exists(path) else []
     log = open(path, 'w')
     log.writelines(kept)
     return log
 
 
 def log_write(log, record):
-    log.write(jsonlib.dumps(record) + '\n')
+    log.write(json.dumps(record) + '\n')
     log.flush()
 
 
@@ -1066,8 +1068,10 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def die(msg, script='nca_gpt.py'):
-    sys.exit(f"{script}: {msg}")
+def die(msg, script=None):
+    """One line on stderr, named after the script the user ran (eval.py nca runs this file's checks), and exit 1."""
+    ran = os.path.basename(sys.argv[0])
+    sys.exit(f"{script or (ran if ran in ('eval.py', 'prepare_data.py') else 'nca_gpt.py')}: {msg}")
 
 
 def parse_args(argv, config, choices=None, script='nca_gpt.py'):
@@ -1165,6 +1169,9 @@ def auto_band():
     if n_states != 10:
         die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
     measured = dataset_meta(data_dir, dataset).get('gzip_ratio') or {}
+    if 'band' not in measured and measured.get('tokens') == 'gpt2':  # a meta.json from before bands were recorded
+        from prepare_data import nca_band
+        measured['band'] = nca_band(measured['median'])
     if 'band' not in measured:
         die(f"--band=auto: data/{dataset}/meta.json has no band: prepare it again (online once, for GPT-2's "
             f"tokenizer), or give --gzip_lower and --gzip_upper")

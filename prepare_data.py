@@ -428,9 +428,10 @@ def corpus_gzip_ratio(path, windows=1000, length=360):
         return np.asarray(w, dtype=np.int32)
     starts = np.linspace(0, max(len(tokens) - span, 0), min(windows, max(len(tokens) // span, 1))).astype(np.int64)
     ratios = np.array([gzip_ratio(window(s)) for s in starts])
-    return dict(median=float(np.median(ratios)), p25=float(np.quantile(ratios, 0.25)),
+    median = float(np.median(ratios))
+    return dict(median=median, p25=float(np.quantile(ratios, 0.25)),
                 p75=float(np.quantile(ratios, 0.75)), windows=len(ratios), window_tokens=length, tokens='gpt2',
-                band=nca_band(float(np.median(ratios))))
+                band=nca_band(median))
 
 
 def nca_band(ratio):

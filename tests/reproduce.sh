@@ -38,6 +38,7 @@ TAG=""
 if [ -n "${ARMS_ONLY:-}" ]; then  # only these stage-2 arms (and the stage-1 runs they start from)
   keep=(); for item in "${ARMS[@]}"; do [[ " $ARMS_ONLY " == *" ${item%%:*} "* ]] && keep+=("$item"); done; ARMS=("${keep[@]}")
   keep=(); for item in "${STAGE1[@]}"; do [[ " ${ARMS[*]} " == *":${item%%:*}:"* ]] && keep+=("$item"); done; STAGE1=("${keep[@]}")
+  [[ " ${ARMS[*]} " == *" scratch::"* ]] || { echo "ARMS_ONLY=\"$ARMS_ONLY\" must name scratch (the baseline) and arms among: scratch nca nca-attn shuffled authorsloss dyck"; exit 2; }
 fi
 if [ "${SWEEP:-0}" = 1 ]; then
   TAG=-sweep

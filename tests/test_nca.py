@@ -113,6 +113,25 @@ def test_runner_ups_beyond_the_cutoff_never_win(nca, n):
             assert nca.sample_step(h, w3, state, u, temperature, 0.0).tolist() == [[best] * 2]
 
 
+@pytest.mark.parametrize('n', [2, 10])
+def test_near_tie_draws_hold_at_the_extreme_uniforms(nca, n):
+    """A draw draw_near_ties calls settled must be sample_step's, also where float32's rounding of the cumulative
+    sum decides it: a runner-up about 16 T behind (its weight near one step of float32 at 1) and u next to 1."""
+    T, checked = 1e-4, 0
+    for gap in np.linspace(14.0, (math.log(n) + 17), 60):
+        for u in (1 - 2.0 ** -24, 1 - 2.0 ** -23, 1 - 3 * 2.0 ** -24, 0.5, 2.0 ** -24):
+            w3 = torch.zeros(1, n, 16)
+            w3[0, 1:, 0] = -gap * T                  # logits = w3[:, :, 0]: state 0 best, the others gap behind
+            h = torch.zeros(1, 1, 16)
+            h[..., 0] = 1.0
+            plain = nca.sample_step(h, w3, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[u]]), T, 0.0).item()
+            state, settled = nca.draw_near_ties(w3[:, :, 0].double().numpy(), np.ones(1), np.array([u]), T)
+            if settled[0]:
+                assert state[0] == plain, (gap, u)
+                checked += 1
+    assert checked >= 2 * 60                         # u = 0.5 and 2^-24 always settle: the bound is not vacuous
+
+
 def test_tokens_to_grids_round_trip(nca):
     _, _, _, frames = small_rollout(nca, temperature=1e-4)
     tokens = nca.tokenize(frames, 10, 2)
