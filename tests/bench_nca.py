@@ -6,8 +6,8 @@ Prints tokens/s of generation + tokenisation of 1024-token sequences and rules/s
 the CPU (all its threads; `taskset -c 0` for one core) and on CUDA when present: the best of `repeats`
 timed calls after a warm-up, as the machine may be shared. Against the authors' JAX generator, measured
 side by side in one run (both on one pinned core, JAX's compile time taken out): `bash ../shared/peer/speed.sh`
-from the project's root. On the 2-core dev machine, 2026-11-28, 3 runs: generation + tokenisation 8.9-9.6x the
-authors' (2.23-2.35M vs 236-250k tokens/s), the filter 10.0-10.7x (3,744-4,093 vs 375-381 rules/s); unpinned
+from the project's root. On the 2-core dev machine, 2026-11-28, 4 runs: generation + tokenisation 8.9-9.6x the
+authors' (2.22-2.35M vs 236-250k tokens/s), the filter 9.9-10.7x (3,744-4,093 vs 375-386 rules/s); unpinned
 (NCA_SPEED_CPUS=, JAX then uses both cores) 6.3x and 9.4x (README, Speed).
 """
 import os
