@@ -149,14 +149,9 @@ def make_key(*ids):
     return h
 
 
-def hash_pairs(keys, counters):
-    """32 random bits for each (key, counter) pair: int64 tensors or numpy arrays, broadcast elementwise."""
-    return mix32(keys ^ mix32(counters + 0x9E3779B))
-
-
 def hash_bits(keys, n):
     """keys (N,) int64 -> (N, n) int64 of 32 random bits: counter k of key j."""
-    return hash_pairs(keys[:, None], torch.arange(n, device=keys.device))
+    return mix32(keys[:, None] ^ mix32(torch.arange(n, device=keys.device) + 0x9E3779B))
 
 
 def uniform(keys, n):
@@ -226,54 +221,13 @@ def torus_neighbours(size, device):
     return torch.stack(nbrs).view(9, -1).to(device)
 
 
-def sample_step(h, w3, state, u, temperature, identity_bias):
-    """One update as the paper's code makes it: h (R, C, 16) hidden units after the ReLU, w3 (R, n, 16), state
-    (R, C) long, u (R, C) uniforms -> (R, C) next states, drawn from softmax(logits / T) (T = 0: the argmax)."""
-    logits = torch.bmm(h, w3.transpose(1, 2))                                            # (R, C, n)
-    if identity_bias:
-        logits = logits + identity_bias * F.one_hot(state, w3.size(1))
-    if temperature == 0:
-        return logits.argmax(-1)
-    # softmax(logits / T), unnormalised (categorical scales by the total); the clamp keeps exp out of the
-    # slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
-    weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
-    return categorical(weights, u)
-
-
-EPS32 = 2.0 ** -24  # float32's unit roundoff
-GAMMA16 = 16 * EPS32 / (1 - 16 * EPS32)  # float32 sums of 16 products, in any order, FMA or not, lie within GAMMA16
-                                         # * sum |product| of the exact sum (Higham, Accuracy and Stability, 3.1)
-
-
-def draw_near_ties(x, bound, u, temperature):
-    """Cells whose best states are close: x (m, n) float64 logits from a fast matmul, bound (m,) >= sum_k h_k
-    max_j |w3_jk|, u (m,) their uniforms -> (m,) the states sample_step draws from these logits, and (m,)
-    whether that draw holds for every rounding a matmul may do: x is within err of sample_step's logits."""
-    err = (2 * GAMMA16 + 2 * EPS32) * bound * (1 + 2 * GAMMA16)
-    # logits off by err move any ratio of weights by a factor kappa at most (1e-4 more: sample_step's float32
-    # exp), and its float32 sums and u * total are off by slack at most (n + 2 roundings of the total, twice);
-    # categorical() draws j = #{i: weight up to i < u * total}, so j lies between low and high
-    kappa = np.exp(2 * err / temperature + 1e-4)[:, None]
-    upto = np.cumsum(np.exp(np.maximum((x - x.max(1, keepdims=True)) / temperature, -80)), 1)  # weight up to i
-    after, slack = upto[:, -1:] - upto, 2 * (x.shape[1] + 2) * EPS32 * upto[:, -1:]
-    low = (kappa * upto + slack < u[:, None] * (kappa * upto + after)).sum(1)  # every rounding for the states up to i
-    high = (upto - slack < u[:, None] * (upto + kappa * after)).sum(1)         # every rounding against them
-    return high, low == high
-
-
 @torch.no_grad()
 def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     """Advance R automata at once, each with its own rule: no Python loop over rules or cells.
     rules (R, P), grid0 (R, S, S) long, keys (R,) for the sampling noise -> (R, n_steps + 1, S, S):
-    the initial grid, then the state after each step. Step t draws cell c with counter t * S*S + c of its key.
-
-    On a CPU at the paper's settings most cells skip the draw: at T = 1e-4 a cell takes its best state unless
-    a runner-up's logit is within about 19 T of it (its weight then nears 2^-24, the step of the uniforms). The
-    other ~98% take the argmax of logits from a fast matmul (its rounding bounded); the near-ties are drawn by
-    draw_near_ties, and the few whose draw a rounding could change (3 in 100,000 cells) take sample_step. Every
-    cell so gets what sample_step, the plain update, gives it: the data are the plain rollout's, bit for bit."""
+    the initial grid, then the state after each step. Step t draws cell c with counter t * S*S + c of its key."""
     R, S, _ = grid0.shape
-    C, dev, T = S * S, grid0.device, temperature
+    C, dev = S * S, grid0.device
     n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)  # states, from the rule's 52 n + 64 weights
     w1, w2, w3 = unpack_rules(rules, n)
     # conv 3x3 then conv 1x1 with nothing between is one linear map, and its input is one-hot, so the
@@ -284,43 +238,24 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
             + torus_neighbours(S, dev).t()).flatten()                                   # (R*C*9,)
     bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
+    us = uniform(keys, n_steps * C).view(R, n_steps, C) if temperature else None
     states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
     states[:, 0] = grid0.reshape(R, C)
-    fast = dev.type == 'cpu' and T > 0 and not identity_bias and R > 0  # a GPU's plain step needs no host round trip
-    if fast:
-        # the last row of w3x bounds sum_k h_k |w3_jk| for every j: the fast logits' rounding scales with it
-        w3x = torch.cat([w3, w3.abs().amax(1, keepdim=True)], 1)                        # (R, n + 1, 16)
-        biggest = (table.view(R, 9, n, HIDDEN2).clamp_min(0).amax(2).sum(1) * w3x[:, n]).sum(1).max().item()
-        # a runner-up further behind than cutoff cannot win the draw: the n - 1 weights below e^-(ln n + 17)
-        # sum to under 2^-24, the smallest uniform, so the cumulative weights are 1 from the best state on
-        cutoff = (math.log(n) + 17) * T + 2 * (2 * GAMMA16 + 2 * EPS32) * biggest * (1 + 2 * GAMMA16)  # 2 x the err
-        count_best = torch.stack([torch.ones(n, device=dev), torch.arange(n, device=dev)]).expand(R, 2, n).contiguous()
-        contender = torch.empty(R, n, C, device=dev)
-        states_np, keys_np = states.numpy(), keys.numpy()
-    else:
-        us = uniform(keys, n_steps * C).view(R, n_steps, C).unbind(1) if T else [None] * n_steps
     for t in range(n_steps):
         state = states[:, t]
         rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
-        # F.embedding_bag(rows, table, bags, mode='sum') without its Python-side checks: (R*C, 16), then the ReLU
+        # F.embedding_bag(rows, table, bags, mode='sum') without its Python-side checks, then the ReLU
         h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_().view(R, C, HIDDEN2)
-        if not fast:
-            states[:, t + 1] = sample_step(h, w3, state.long(), us[t], T, identity_bias)
+        logits = torch.bmm(h, w3.transpose(1, 2))                                        # (R, C, n)
+        if identity_bias:
+            logits = logits + identity_bias * F.one_hot(state.long(), n)
+        if temperature == 0:
+            states[:, t + 1] = logits.argmax(-1)
             continue
-        fl = torch.bmm(w3x, h.transpose(1, 2))                                          # (R, n + 1, C)
-        torch.gt(fl[:, :n], fl[:, :n].amax(1, keepdim=True).sub_(cutoff), out=contender)
-        cb = torch.bmm(count_best, contender)                # (R, 2, C): how many contenders; the best if alone
-        states[:, t + 1] = cb[:, 1]
-        r, c = np.divmod(np.flatnonzero(cb.numpy()[:, 0] > 1.5), C)   # the near-ties
-        fl_near = fl.numpy()[r, :, c].astype(np.float64)                                # (m, n + 1)
-        u = ((hash_pairs(keys_np[r], t * C + c) >> 9) + 0.5) / 2 ** 23                  # uniform()'s values
-        states_np[r, t + 1, c], settled = draw_near_ties(fl_near[:, :n], fl_near[:, n], u, T)
-        if not settled.all():  # these cells take sample_step, run on their rules
-            r, c = r[~settled], c[~settled]
-            rs, row = np.unique(r, return_inverse=True)
-            u_rs = torch.full((len(rs), C), 0.5)  # any uniform elsewhere: only these cells' results are kept
-            u_rs[row, c] = torch.from_numpy(u[~settled]).float()
-            states_np[r, t + 1, c] = sample_step(h[rs], w3[rs], state[rs].long(), u_rs, T, 0.0).numpy()[row, c]
+        # softmax(logits / T), unnormalised (categorical scales by the total); the clamp keeps exp out of the
+        # slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
+        weights = ((logits - logits.amax(-1, keepdim=True)) / temperature).clamp_min(-80).exp()
+        states[:, t + 1] = categorical(weights, us[:, t])
     return states.long().view(R, n_steps + 1, S, S)
 
 
@@ -373,22 +308,6 @@ def trajectories(rules, keys, n_frames):
     return rollout(rules, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)[:, burn_in:]
 
 
-def one_thread_on_cpu(fn):
-    """Run fn with one intra-op thread on a CPU: the data engine's ops are too small to split (the fork-join
-    costs more than it saves), and on a shared machine a thread whose core another job holds stalls the rest
-    (README, Speed). zlib's threads in rule_complexity are apart from this."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(1 if device == 'cpu' else before)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-    return run
-
-
-@one_thread_on_cpu
 def rule_complexity(rules, keys):
     """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames. On a
     CPU 256 rules at a time: zlib's threads compress a part while the next one rolls out."""
@@ -399,7 +318,6 @@ def rule_complexity(rules, keys):
     return torch.tensor([r for part in ratios for r in part], dtype=torch.float32)
 
 
-@one_thread_on_cpu
 def candidate_rules(split, rule_set, first, count):
     """Candidates first..first+count-1 of a rule set -> keys (count,), rules (count, P)."""
     keys = make_key(seed, SPLITS[split], RULES, rule_set, torch.arange(first, first + count, device=device))
@@ -442,7 +360,6 @@ def frame_len():
     return (grid // patch) ** 2 + 2  # START + patches + END: 38 at the defaults
 
 
-@one_thread_on_cpu
 def nca_sequences(rules, keys):
     """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per sequence."""
     n_frames = -(-(block_size + 1) // frame_len())  # 27 frames at the defaults
