@@ -244,8 +244,7 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
     for t in range(n_steps):
         state = states[:, t]
         rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
-        # F.embedding_bag(rows, table, bags, mode='sum') without its Python-side checks, then the ReLU
-        h = torch.embedding_bag(table, rows, bags, False, 0, False, None, False, None)[0].relu_().view(R, C, HIDDEN2)
+        h = F.embedding_bag(rows, table, bags, mode='sum').relu_().view(R, C, HIDDEN2)  # sum of 9 rows per cell
         logits = torch.bmm(h, w3.transpose(1, 2))                                        # (R, C, n)
         if identity_bias:
             logits = logits + identity_bias * F.one_hot(state.long(), n)
