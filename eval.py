@@ -843,8 +843,9 @@ def main(argv):
     check_inputs(task)
     torch.manual_seed(seed)
     if task == 'nca':  # nca_gpt.py's checks of its options, as its own run would make them
-        for k, v in dict({k: v for k, v in overrides.items() if k in NCA_DATA}, stage='nca', seed=seed, device=device).items():
-            setattr(nca_gpt, k, v)
+        for k in nca_options.keys() & overrides.keys():
+            setattr(nca_gpt, k, overrides[k])
+        nca_gpt.stage, nca_gpt.seed, nca_gpt.device = 'nca', seed, device
         nca_gpt.check_config()
     model, path = (None, None) if task in ('compare', 'watch', 'nca') or (task == 'humaneval' and samples) else load_model()
     path = ckpt_file() if task == 'watch' else path

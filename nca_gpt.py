@@ -984,10 +984,8 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def die(msg, script=None):
-    """One line on stderr, named after the script the user ran (eval.py nca runs this file's checks), and exit 1."""
-    ran = os.path.basename(sys.argv[0])
-    sys.exit(f"{script or (ran if ran in ('eval.py', 'prepare_data.py') else 'nca_gpt.py')}: {msg}")
+def die(msg, script='nca_gpt.py'):
+    sys.exit(f"{script}: {msg}")
 
 
 def parse_args(argv, config, choices=None, script='nca_gpt.py'):
@@ -1079,19 +1077,24 @@ def devices():
     return ['cuda'] * bool(cuda) + ['mps'] * torch.backends.mps.is_available() + ['cpu'] + cuda
 
 
+def nca_band(ratio):
+    """--band=auto: the band for a corpus of this gzip ratio. The ratio rounded to 0.1 is its lower end, and 0.5 or
+    more takes the paper's (0.5, 1.0): that fits the paper's two data points, web text -> 0.5+ (English licence
+    texts measure 0.485) and code -> (0.3, 0.4) (the standard library: 0.26)."""
+    lower = min(0.5, round(ratio, 1))
+    return [lower, 1.0 if lower == 0.5 else round(lower + 0.1, 1)]
+
+
 def auto_band():
-    """--band=auto: the band prepare_data.py chose from the target corpus's gzip ratio (its nca_band, README)."""
+    """--band=auto: the band of the target corpus's gzip ratio, as prepare_data.py measured it (README)."""
     global gzip_lower, gzip_upper
     if n_states != 10:
         die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
     measured = dataset_meta(data_dir, dataset).get('gzip_ratio') or {}
-    if 'band' not in measured and measured.get('tokens') == 'gpt2':  # a meta.json from before bands were recorded
-        from prepare_data import nca_band
-        measured['band'] = nca_band(measured['median'])
-    if 'band' not in measured:
-        die(f"--band=auto: data/{dataset}/meta.json has no band: prepare it again (online once, for GPT-2's "
-            f"tokenizer), or give --gzip_lower and --gzip_upper")
-    gzip_lower, gzip_upper = measured['band']
+    if measured.get('tokens') != 'gpt2':  # the filter's convention: int32 GPT-2 ids
+        die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it again (online once, "
+            f"for GPT-2's tokenizer), or give --gzip_lower and --gzip_upper")
+    gzip_lower, gzip_upper = nca_band(measured['median'])
     print(f"--band=auto: {dataset}'s gzip ratio is {measured['median']:.3f}, so rules in ({gzip_lower}, {gzip_upper})")
 
 

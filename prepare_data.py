@@ -428,18 +428,8 @@ def corpus_gzip_ratio(path, windows=1000, length=360):
         return np.asarray(w, dtype=np.int32)
     starts = np.linspace(0, max(len(tokens) - span, 0), min(windows, max(len(tokens) // span, 1))).astype(np.int64)
     ratios = np.array([gzip_ratio(window(s)) for s in starts])
-    median = float(np.median(ratios))
-    return dict(median=median, p25=float(np.quantile(ratios, 0.25)),
-                p75=float(np.quantile(ratios, 0.75)), windows=len(ratios), window_tokens=length, tokens='gpt2',
-                band=nca_band(median))
-
-
-def nca_band(ratio):
-    """The NCA band for a corpus of this gzip ratio (nca_gpt.py --band=auto): the ratio rounded to 0.1 is its lower
-    end, and 0.5 or more takes the paper's (0.5, 1.0). It fits the paper's two data points: web text -> 0.5+
-    (English licence texts measure 0.485), code -> (0.3, 0.4) (the standard library: 0.26)."""
-    lower = min(0.5, round(ratio, 1))
-    return [lower, 1.0 if lower == 0.5 else round(lower + 0.1, 1)]
+    return dict(median=float(np.median(ratios)), p25=float(np.quantile(ratios, 0.25)),
+                p75=float(np.quantile(ratios, 0.75)), windows=len(ratios), window_tokens=length, tokens='gpt2')
 
 
 # =============================================================================

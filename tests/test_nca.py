@@ -284,17 +284,15 @@ def test_authors_loss_predicts_start_and_end(nca):
 @pytest.mark.parametrize('ratio,band', [(0.29, [0.3, 0.4]), (0.262, [0.3, 0.4]), (0.47, [0.5, 1.0]), (0.61, [0.5, 1.0]),
                                         (0.21, [0.2, 0.3])])
 def test_band_auto_follows_the_corpus_gzip_ratio(nca, tmp_path, ratio, band):
-    import prepare_data
-    assert prepare_data.nca_band(ratio) == band   # code -> the paper's (0.3, 0.4), prose -> its 0.5+
     (tmp_path / 'corpus').mkdir()
-    meta = dict(tokenizer='bytes', gzip_ratio=dict(median=ratio, band=prepare_data.nca_band(ratio)))
+    meta = dict(tokenizer='bytes', gzip_ratio=dict(median=ratio, tokens='gpt2'))  # measured on the text's GPT-2 ids
     (tmp_path / 'corpus' / 'meta.json').write_text(json.dumps(meta))
     nca.data_dir, nca.dataset, nca.n_states = str(tmp_path), 'corpus', 10
     nca.dataset_meta.cache_clear()
     nca.auto_band()
-    assert [nca.gzip_lower, nca.gzip_upper] == band
-    del meta['gzip_ratio']['band']  # a meta.json of an older prepare_data.py: refused, saying what to do
+    assert [nca.gzip_lower, nca.gzip_upper] == band   # code -> the paper's (0.3, 0.4), prose -> its 0.5+
+    del meta['gzip_ratio']['tokens']  # a ratio of byte ids is not the filter's convention: refused, saying what to do
     (tmp_path / 'corpus' / 'meta.json').write_text(json.dumps(meta))
     nca.dataset_meta.cache_clear()
-    with pytest.raises(SystemExit, match='has no band: prepare it again'):
+    with pytest.raises(SystemExit, match='has no gzip ratio of GPT-2 tokens: prepare it again'):
         nca.auto_band()
