@@ -1,6 +1,5 @@
 """The NCA data engine: rules, rollout, tokenizer, filter, batches, Dyck. CPU, offline, seconds."""
 import gzip
-import math
 import os
 import subprocess
 import sys
