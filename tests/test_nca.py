@@ -62,7 +62,7 @@ def plain_rollout(nca, rules, grid0, n_steps, keys, temperature, identity_bias):
     for t in range(n_steps):
         rows = first_row + states[-1][:, nca.torus_neighbours(S, 'cpu')]                      # (R, 9, S*S)
         h = F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum').relu().view(R, S * S, 16)
-        logits = torch.bmm(h, w3.transpose(1, 2)) + identity_bias * F.one_hot(states[-1], n)
+        logits = torch.bmm(w3, h.transpose(1, 2)).transpose(1, 2) + identity_bias * F.one_hot(states[-1], n)
         if temperature == 0:
             states.append(logits.argmax(-1))
         else:
