@@ -316,8 +316,8 @@ def trajectories(rules, keys, n_frames):
 
 def rule_complexity(rules, keys):
     """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames. On a
-    CPU 256 rules at a time: zlib's threads compress a part while the next one rolls out."""
-    chunk, ratios = 256 if rules.device.type == 'cpu' else max(len(rules), 1), []
+    CPU 128 rules at a time: zlib's threads compress a part while the next one rolls out."""
+    chunk, ratios = 128 if rules.device.type == 'cpu' else max(len(rules), 1), []
     for i in range(0, len(rules), chunk):
         tokens = frame_tokens(trajectories(rules[i:i + chunk], keys[i:i + chunk], gzip_frames), n_states, patch)
         ratios.append(_gzip_pool.map(gzip_ratio, tokens.flatten(1).cpu().numpy()))  # submitted, collected below
