@@ -92,6 +92,14 @@ dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'watch', 'nca']
+NCA_DATA = ('grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper',
+            'gzip_frames', 'num_rules', 'num_val_rules', 'block_size')  # nca_gpt.py's options that make its NCA data
+MODEL = ('ckpt', 'device', 'dtype')
+SAMPLING = MODEL + ('data_dir', 'n', 'temperature', 'top_p', 'top_k', 'max_new_tokens', 'limit', 'batch_size', 'seed')
+OPTIONS = {'ppl': MODEL + ('data_dir', 'datasets', 'max_tokens', 'batch_size'),  # what each task reads, and --out
+           'gsm8k': SAMPLING + ('style',), 'bbl': SAMPLING,
+           'humaneval': SAMPLING + ('samples', 'timeout', 'memory_mb', 'workers', 'sandbox'),
+           'compare': ('runs', 'baseline', 'png'), 'watch': ('ckpt', 'device', 'png'), 'nca': ('seed', 'device') + NCA_DATA}
 vocab = dict(kind='gpt2', size=50257)  # load_model sets the checkpoint's: kind gpt2 | bytes; the embedding pads past size
 PROTOCOL = {  # n, temperature, top_p, max_new_tokens, stop strings
     'gsm8k': (32, 0.6, 1.0, 250, ['\n\nQuestion:', 'Question:']),
@@ -604,8 +612,6 @@ def eval_bbl(model):
 PALETTE = [196, 46, 21, 226, 201, 51, 255, 130, 240, 208]  # xterm-256 colours, one per state, and in RGB:
 RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (238, 238, 238), (175, 95, 0),
        (88, 88, 88), (255, 135, 0)]
-NCA_DATA = ('grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper',
-            'gzip_frames', 'num_rules', 'num_val_rules', 'block_size')  # nca_gpt.py's options that make its NCA data
 
 
 def draw_frames(frames, color, wrong=None):
@@ -829,9 +835,9 @@ def main(argv):
     if len(rest) != 1 or rest[0] not in TASKS:
         die(f"name one task: {', '.join(TASKS)}")
     task = rest[0]
-    misplaced = [k for k in overrides if k not in config_keys and task != 'nca']
-    if misplaced:
-        die(f"--{misplaced[0]} is an option of eval.py nca (the NCA data), not of eval.py {task}")
+    for k in overrides:  # an option the task does not read is a mistake, not something to pass over in silence
+        if k != 'out' and k not in OPTIONS[task]:
+            die(f"--{k} is an option of eval.py {'/'.join(t for t in TASKS if k in OPTIONS[t])}, not of eval.py {task}")
     globals().update({k: v for k, v in overrides.items() if k in config_keys and not (task == 'nca' and k in nca_options)})
     positive = ('batch_size', 'workers', 'memory_mb', 'timeout')
     for k in ('n', 'max_tokens', 'max_new_tokens', 'limit', 'top_k') + positive:

@@ -6,9 +6,9 @@ Prints tokens/s of generation + tokenisation of 1024-token sequences and rules/s
 the CPU (all its threads; `taskset -c 0` for one core) and on CUDA when present: the best of `repeats`
 timed calls after a warm-up, as the machine may be shared. Against the authors' JAX generator, measured
 side by side in one run (both on one pinned core, JAX's compile time taken out): `bash ../shared/peer/speed.sh`
-from the project's root. On the 2-core dev machine, 2026-11-28, 4 runs: generation + tokenisation 6.3-6.7x the
-authors' (1.54-1.59M vs 231-244k tokens/s), the filter 5.9-6.5x (2,180-2,495 vs 372-389 rules/s); unpinned
-(NCA_SPEED_CPUS=, both sides then use both cores) 6.3x and 7.1x (README, Speed).
+from the project's root. On the 2-core dev machine, 2026-11-28, 3 runs: generation + tokenisation 9.7-10.0x the
+authors' (2.37-2.47M vs 244-248k tokens/s), the filter 9.4-10.1x (3,638-3,856 vs 377-385 rules/s); unpinned
+(NCA_SPEED_CPUS=, both sides then use both cores) 8.9x and 9.0x (README, Speed).
 """
 import os
 import sys
