@@ -871,4 +871,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    nca_gpt.SCRIPT = 'eval.py'  # eval.py nca checks its options with nca_gpt.py's code: its errors say eval.py
     main(sys.argv[1:])

@@ -991,8 +991,11 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def die(msg, script='nca_gpt.py'):
-    sys.exit(f"{script}: {msg}")
+SCRIPT = 'nca_gpt.py'  # what this script's errors start with; eval.py, running its NCA checks, sets its own name
+
+
+def die(msg, script=None):
+    sys.exit(f"{script or SCRIPT}: {msg}")
 
 
 def parse_args(argv, config, choices=None, script='nca_gpt.py'):
