@@ -135,12 +135,14 @@ SPLITS = {'train': 0, 'val': 1}
 
 
 def mix32(x):
-    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never overflow). A tensor is
-    hashed in place (pass a fresh one): big int64 temporaries would cost more than the arithmetic."""
-    for _ in range(2):
-        x ^= x >> 16
-        x *= 0x45d9f3b
-        x &= MASK32
+    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never overflow). After the first
+    operation, a tensor is hashed in place: big int64 temporaries would cost more than the arithmetic."""
+    x = x ^ (x >> 16)
+    x *= 0x45d9f3b
+    x &= MASK32
+    x ^= x >> 16
+    x *= 0x45d9f3b
+    x &= MASK32
     x ^= x >> 16
     return x
 

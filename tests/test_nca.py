@@ -238,6 +238,14 @@ def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
     assert len(set().union(*seen)) == sum(map(len, seen))  # no pair twice, within a draw or across draws
 
 
+def test_mix32_leaves_its_input_alone_and_agrees_with_ints(nca):
+    """mix32 works in place after its first operation: the caller's tensor must come back unchanged."""
+    x = torch.randint(0, 2 ** 32, (1000,))
+    before = x.clone()
+    h = nca.mix32(x)
+    assert torch.equal(x, before) and torch.equal(h[:5], torch.tensor([nca.mix32(v) for v in x[:5].tolist()]))
+
+
 def test_copy_baseline_on_a_hand_made_case(nca, monkeypatch):
     """Three frames of four patches: copying the previous frame gets 4 of the 8 predicted patches right; a
     model that always says patch 1 gets 2; START/END and the first frame count for neither."""
