@@ -171,11 +171,12 @@ def randint(keys, n, high):
     return ((bits[..., 0] << 30) ^ bits[..., 1]) % high
 
 
-def categorical(probs, u):
-    """Inverse-CDF sampling: probs (..., n), not necessarily normalised, u (...) uniforms -> (...) indices.
+def categorical(probs, u, dim=-1):
+    """Inverse-CDF sampling along dim: probs (..., n, ...), not necessarily normalised, and u uniforms of the
+    other dims -> indices: the first whose cumulative weight reaches u * total, i.e. how many fall short of it.
     u is scaled by the total, so that rounding in the cumulative sum never picks an index of probability 0."""
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1).clamp_max(probs.size(-1) - 1)
+    cdf = probs.cumsum(dim)
+    return (cdf < u.unsqueeze(dim) * cdf.narrow(dim, -1, 1)).sum(dim)
 
 
 # --- the rule network ---------------------------------------------------------
@@ -259,11 +260,10 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         if temperature == 0:
             states[:, t + 1] = logits.max(1).indices  # the first of tied top states, as argmax (which is slow here)
             continue
-        # categorical() along axis 1, in place: softmax(logits / T) unnormalised, as u is scaled by the total; the
-        # clamp keeps exp out of the slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1).
-        # The draw is the first state whose cumulative weight reaches u * total: how many fall short of it.
-        cdf = logits.sub_(logits.amax(1, keepdim=True)).div_(temperature).clamp_min_(-80).exp_().cumsum_(1)
-        states[:, t + 1] = (cdf < us[:, t].unsqueeze(1) * cdf[:, -1:]).sum(1, dtype=torch.int32)       # (R, C)
+        # softmax(logits / T), unnormalised (categorical scales u by the total), in place; the clamp keeps exp out
+        # of the slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
+        weights = logits.sub_(logits.amax(1, keepdim=True)).div_(temperature).clamp_min_(-80).exp_()
+        states[:, t + 1] = categorical(weights, us[:, t], dim=1)                         # (R, C)
     return states.long().view(R, n_steps + 1, S, S)
 
 

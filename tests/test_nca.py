@@ -238,6 +238,21 @@ def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
     assert len(set().union(*seen)) == sum(map(len, seen))  # no pair twice, within a draw or across draws
 
 
+def test_categorical_is_the_inverse_cdf_along_any_axis(nca):
+    """The count of cumulative weights below u * total is searchsorted's index: zero weights never drawn, ties kept,
+    the same along axis 1 as along the last."""
+    torch.manual_seed(0)
+    w = torch.rand(4000, 10) ** 4 * (torch.rand(4000, 10) < 0.7)                # many zeros, tiny weights
+    w[:, 3] += 1e-30                                                             # no row all zero
+    w[::7, 5] = w[::7, 6]                                                        # ties
+    u = torch.cat([torch.rand(3998), torch.tensor([0.5 / 2 ** 23, 1 - 0.5 / 2 ** 23])])
+    cdf = w.cumsum(-1)
+    want = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    got = nca.categorical(w, u)
+    assert torch.equal(got, want) and (w.gather(1, got[:, None]) > 0).all()
+    assert torch.equal(nca.categorical(w.view(40, 100, 10).transpose(1, 2), u.view(40, 100), dim=1).flatten(), got)
+
+
 def test_mix32_leaves_its_input_alone_and_agrees_with_ints(nca):
     """mix32 works in place after its first operation: the caller's tensor must come back unchanged."""
     x = torch.randint(0, 2 ** 32, (1000,))
