@@ -68,6 +68,15 @@ n_head = 12
 n_embd = 768
 block_size = 1024       # context length; NCA and Dyck sequences are this long
 dropout = 0.0           # attention dropout (the paper: 0.1)
+# the recipe: how the model is initialised and optimised. project | authors (as the authors' code trains, every
+# item below; README "This code and the authors' code"). Each item is its own flag, for ablations:
+recipe = 'project'
+emb_init = 'normal'     # a fresh embedding and head: normal N(0, 0.02) | torch: torch's constructor defaults, N(0, 1)
+                        #   and U(+-1/sqrt(n_embd)) (the authors' stage 2, and their scratch baseline)
+head_bias = False       # the head has a bias, head and bias at torch's init U(+-1/sqrt(n_embd)) (the authors' stage 1)
+scale_residual = True   # the projections into the residual stream at N(0, 0.02/sqrt(2 n_layer)) (GPT-2); False: 0.02
+pad_vocab = 64          # the embedding and head have the vocabulary's rows rounded up to a multiple of this (the
+                        #   authors: 64000 in stage 1, 1 = exact in stage 2)
 # transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head re-initialised
 reinit = ''             # also re-initialise parts: e.g. 'attn', 'mlp:0-11', 'attn:12-23,norm'
 freeze = ''             # parts to keep fixed, same syntax; 'emb' and 'head' too
@@ -84,9 +93,14 @@ warmup_iters = 5000     # linear warm-up
 lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters)
 stop_at_peak = False    # the paper's stage 1: warm up over the whole run and stop at the peak lr (no decay)
 weight_decay = 0.0
+decay_all = False       # weight decay on every parameter, norms too (the authors' AdamW); False: on matrices only
 beta1 = 0.9
 beta2 = 0.999           # torch's Adam default, as the paper's code (nanoGPT: 0.95, which the small presets use)
 grad_clip = 1.0         # 0 disables
+clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean (the authors' stage 2: a micro-step's
+                        #   loss is not divided by their number; under Adam only clipping and eps see the difference)
+warmup_zero = False     # the warm-up's first update at lr 0, lr * it / warmup_iters (the authors' LambdaLR); False:
+                        #   lr * (it + 1) / (warmup_iters + 1)
 # system
 device = ''             # '' picks cuda, then mps, then cpu
 dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
@@ -114,12 +128,25 @@ PRESETS = {
                          max_iters=5000, warmup_iters=500, lr_decay_iters=5000, min_lr=6e-5),
               'sft': FINETUNE},
     # the paper: 1.6B parameters; NCA: Adam 1e-4, 32 x 1024 tokens, 5,000 updates, stop at the end of warm-up
-    'paper': {'all': dict(n_layer=24, n_head=32, n_embd=2048, dropout=0.1, compile=True, eval_interval=500),
+    'paper': {'all': dict(n_layer=24, n_head=32, n_embd=2048, recipe='authors', compile=True, eval_interval=500),
               'nca': dict(stop_at_peak=True), 'dyck': dict(stop_at_peak=True),
               'lm': PAPER_LM, 'sft': FINETUNE},
 }
-CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
-           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto']}
+# Recipes, applied after the preset: --recipe=authors trains as the authors' code (commit bdd1c71) does, stage by
+# stage: utils/models.py (HF's Llama init, N(0, 0.02), no residual scaling; the stage-1 head nn.Linear(d, 64000)
+# with a bias; stage 2's new nn.Embedding / nn.Linear at torch's defaults), src/nca_ppt.py (Adam, no clipping),
+# src/openwebtext_pt.py (AdamW on every parameter, the summed micro-step losses clipped at 1.0, fp16), utils/util.py
+# (warm-up from 0, cosine to 0), models.py's attention_dropout=0.1. The command line still wins over each value.
+AUTHORS_STAGE1 = dict(head_bias=True, pad_vocab=64000, grad_clip=0.0, weight_decay=0.0, nca_loss='all', rule_resample=0)
+AUTHORS_STAGE2 = dict(emb_init='torch', pad_vocab=1, clip_sum=True, grad_clip=1.0, weight_decay=1e-4, dtype='float16')
+RECIPES = {
+    'project': {},
+    'authors': {'all': dict(beta2=0.999, dropout=0.1, scale_residual=False, decay_all=True, warmup_zero=True, min_lr=0.0),
+                'nca': AUTHORS_STAGE1, 'dyck': AUTHORS_STAGE1, 'lm': AUTHORS_STAGE2, 'sft': AUTHORS_STAGE2},
+}
+CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'], 'recipe': list(RECIPES),
+           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto'],
+           'emb_init': ['normal', 'torch']}
 # -----------------------------------------------------------------------------
 
 # =============================================================================
@@ -582,20 +609,29 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0):
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, head_bias=False,
+                 emb_init='normal', scale_residual=True):
         super().__init__()
         self.n_layer, self.n_head, self.block_size = n_layer, n_head, block_size
+        self.emb_init, self.scale_residual = emb_init, scale_residual
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.norm = nn.RMSNorm(n_embd)
-        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.head = nn.Linear(n_embd, vocab_size, bias=head_bias)
         self.apply(self.init_weights)
 
     def init_weights(self, module):
-        """N(0, 0.02); the projections into the residual stream scaled by 1/sqrt(2 n_layer) (GPT-2)."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02 / math.sqrt(2 * self.n_layer) if module in self.residual_projections() else 0.02
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+        """N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 n_layer) (GPT-2; off with
+        scale_residual=False, as the authors' HF init). emb_init='torch' leaves the embedding and the head at torch's
+        constructor defaults, N(0, 1) and U(+-1/sqrt(n_embd)): the authors' stage 2. So does a head with a bias (their
+        stage-1 head, made outside HF's initialiser)."""
+        if module is self.head and (self.emb_init == 'torch' or module.bias is not None):
+            module.reset_parameters()       # nn.Linear's: weight and bias U(+-1/sqrt(n_embd))
+        elif module is self.wte and self.emb_init == 'torch':
+            module.reset_parameters()       # nn.Embedding's: N(0, 1)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            scaled = self.scale_residual and module in self.residual_projections()
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.n_layer) if scaled else 0.02)
         elif isinstance(module, nn.RMSNorm):
             torch.nn.init.ones_(module.weight)
 
@@ -684,7 +720,7 @@ def tokens_per_iter():
 def get_lr(it):
     """Linear warm-up, then cosine down to min_lr by lr_decay_iters."""
     if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
+        return learning_rate * (it / warmup_iters if warmup_zero else (it + 1) / (warmup_iters + 1))
     if it >= lr_decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
@@ -744,7 +780,10 @@ def evaluate(model, ctx):
 def apply_preset(overrides):
     """Defaults < preset < the command line. -> a note on what was chosen, for the first line of the run."""
     name = overrides.get('preset', preset) or ('small' if devices()[0] == 'cuda' else 'tiny')
-    values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(overrides.get('stage', stage), {})}
+    this_stage = overrides.get('stage', stage)
+    values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(this_stage, {})}
+    values['recipe'] = overrides.get('recipe', values.get('recipe', recipe))  # then the recipe's values
+    values.update(RECIPES[values['recipe']].get('all', {}), **RECIPES[values['recipe']].get(this_stage, {}))
     notes = [f"no --preset given: {name}" + (" (no GPU here: a few minutes on a CPU; --preset=small or paper for "
                                               "real runs)" if name == 'tiny' else '')] if not overrides.get('preset', preset) else []
     if any(k in values and k not in overrides for k in ('n_states', 'gzip_lower')) and 'band' not in overrides:
@@ -754,6 +793,7 @@ def apply_preset(overrides):
                      f"(the paper's: --n_states=10 --gzip_lower=0.5)")
     if not (overrides.get('device') or devices()[0]).startswith('cuda'):
         values['compile'] = False  # compiling pays on a GPU only (--compile=true still asks for it)
+        values.pop('dtype', None)  # and a recipe's fp16 is a GPU's: a CPU trains in float32 (unless --dtype says)
     globals().update(values, preset=name)
     return '; '.join(notes)
 
@@ -794,9 +834,9 @@ def train():
     run_length()
 
     # model: from scratch, resumed, or transferred from another stage's checkpoint
-    vocab_size = -(-vocab['size'] // 64) * 64  # padded to a multiple of 64: faster matmuls, the rest unused
+    vocab_size = -(-vocab['size'] // pad_vocab) * pad_vocab  # padded (64: faster matmuls), the rest unused
     model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      dropout=dropout)
+                      dropout=dropout, head_bias=head_bias, emb_init=emb_init, scale_residual=scale_residual)
     if checkpoint:
         model_args, iter_num, best_val_loss = checkpoint['model_args'], checkpoint['iter_num'], checkpoint['best_val_loss']
     model = GPT(**model_args)
@@ -809,6 +849,9 @@ def train():
             print(f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
                   f"embedding and head {'kept' if keep else 'fresh for ' + vocab['kind']}"
                   + (f"; reinit {reinit}" if reinit else '') + (f"; frozen {freeze}" if freeze else ''))
+            theirs = source.get('config', {}).get('recipe', 'project')
+            if theirs != recipe:
+                print(f"recipes differ: {init_from} was trained under --recipe={theirs}, this stage runs under --recipe={recipe}")
     need, free = memory_needed(model, ptdtype.itemsize), free_memory(device)
     if master:
         print(f"memory: about {need / 2**30:.2f} GiB needed on {device} (a rough estimate: weights, gradients, AdamW, "
@@ -818,10 +861,10 @@ def train():
             f"--batch_size (raise --gradient_accumulation_steps to keep the update the same)")
     model.to(device)
 
-    # optimiser: AdamW, decay on matrices only, fused on CUDA
+    # optimiser: AdamW, decay on matrices only (or on every parameter: decay_all), fused on CUDA
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    groups = [{'params': [p for p in params if p.dim() >= 2 or decay_all], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2 and not decay_all], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     if checkpoint:
@@ -840,7 +883,7 @@ def train():
     n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        print(f"stage {stage}, preset {preset}, {device} {dtype}, {world} process(es); {n_params / 1e6:.2f}M parameters "
+        print(f"stage {stage}, preset {preset}, {device} {dtype}, recipe {recipe}, {world} process(es); {n_params / 1e6:.2f}M parameters "
               f"({(n_params - 2 * raw_model.wte.weight.numel()) / 1e6:.2f}M without embedding and head)")
         print(f"{max_iters} updates x {tokens_per_iter():,} tokens = {max_iters * tokens_per_iter() / 1e6:,.1f}M tokens, "
               f"from step {iter_num}; lr: warm-up {warmup_iters} steps, cosine to step {lr_decay_iters}; writing to {out_dir}/")
@@ -894,7 +937,9 @@ def train():
                 model.require_backward_grad_sync = micro == micro_steps - 1
             with ctx:
                 _, loss = model(x, y)
-            scaler.scale(loss / micro_steps).backward()
+            # the update's gradient: the mean over micro-steps, or their sum (clip_sum: the authors' stage 2; DDP
+            # averages over the processes, hence x world)
+            scaler.scale(loss * world if clip_sum else loss / micro_steps).backward()
             loss_sum += loss.detach()
         if grad_clip:
             scaler.unscale_(optimizer)
@@ -1048,7 +1093,8 @@ def configure(argv):
 def check_config():
     """Every bad value is a one-line error here, before any work starts."""
     ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
-            'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'gzip_frames', 'num_rules', 'num_val_rules', 'dyck_k', 'dyck_depth')
+            'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'gzip_frames', 'num_rules', 'num_val_rules', 'dyck_k', 'dyck_depth',
+            'pad_vocab')
     for k in ones + ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
                      'weight_decay', 'grad_clip', 'burn_in', 'temperature', 'rule_resample', 'dropout', 'dyck_p_open'):
         if globals()[k] < (k in ones):
