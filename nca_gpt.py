@@ -157,7 +157,7 @@ CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small'
 # batch size, the number of GPUs, the device, or where a resumed run picks up.
 
 MASK32 = 0xFFFFFFFF
-RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE = 1, 2, 3, 4, 5, 6, 7, 8, 9  # streams: what they are for
+RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE, REPEAT = range(1, 11)  # streams: what they are for
 SPLITS = {'train': 0, 'val': 1}
 
 
@@ -745,20 +745,45 @@ def run_length():
         warmup_iters = lr_decay_iters = max_iters
 
 
+def token_losses(logits, y):
+    return F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')  # (B, T)
+
+
+def repeated_tokens(index, batch_size, length):
+    """The induction test: random tokens (no end-of-text) repeated once -> X, Y (B, 2 * length - 1)."""
+    r = randint(make_key(seed, SPLITS['val'], REPEAT, sequence_ids(index, batch_size)), length, vocab['size'] - 1)
+    seq = torch.cat([r, r], dim=1)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def in_context_scores(position_loss, repeat_loss):
+    """The in-context probe on language, from the mean loss at each position of held-out text (T,) and of
+    repeated_tokens (2L - 1,). icl: the last tenth of the context minus positions 5-15% (Olsson et al. 2022: token
+    500 minus token 50 of 512); induction: the second copy minus the first. Negative: learned from the context."""
+    T, L = len(position_loss), (len(repeat_loss) + 1) // 2
+    return dict(icl=(position_loss[-T // 10:].mean() - position_loss[T // 20:3 * T // 20].mean()).item(),
+                induction=(repeat_loss[L:].mean() - repeat_loss[:L - 1].mean()).item())
+
+
 @torch.no_grad()
 def evaluate(model, ctx):
-    """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the
-    in-context signal: later frames should be easier once the rule is inferred."""
+    """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the in-context
+    signal: later frames should be easier once the rule is inferred; for language the in-context probe."""
     model.eval()
-    losses, frame_sum, frame_count, correct, copied, total = [], 0, 0, 0, 0, 0
+    losses, frame_sum, frame_count, correct, copied, total, by_position, repeat = [], 0, 0, 0, 0, 0, 0, 0
     for k in range(eval_iters):
         x, y = get_batch('val', k)
         with ctx:
             logits, loss = model(x, y)
         losses.append(loss.item())
+        if stage == 'lm':
+            rx, ry = repeated_tokens(k, batch_size, block_size // 2)
+            with ctx:
+                by_position = by_position + token_losses(logits, y).mean(0) / eval_iters
+                repeat = repeat + token_losses(model(rx)[0], ry).mean(0) / eval_iters
         if stage == 'nca':
             mask = (y != -1) & (y < n_states ** (patch * patch))  # the patch tokens of frames 1, 2, ...
-            token_loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')  # (B, T)
+            token_loss = token_losses(logits, y)
             frame = (torch.arange(y.size(1), device=y.device) + 1) // frame_len()  # (T,) the frame of each target
             by_frame = lambda v: torch.zeros(frame[-1] + 1, device=v.device).index_add(0, frame, v)  # noqa: E731
             frame_sum = frame_sum + by_frame((token_loss * mask).sum(0))
@@ -774,6 +799,8 @@ def evaluate(model, ctx):
         whole = (block_size + 1) // frame_len()  # frames 1 .. whole-1 fit whole in a sequence
         out['frame_loss'] = [round(v, 4) for v in (frame_sum / frame_count)[1:whole].tolist()]  # frames 1, 2, ...
         out['next_frame_acc'], out['copy_frame_acc'] = correct / total, copied / total
+    if stage == 'lm':
+        out.update(in_context_scores(by_position, repeat))
     return out
 
 
