@@ -357,7 +357,8 @@ def interpreter_mounts():
     for p in [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), *sys.path]:
         if p and os.path.isdir(p):
             paths |= {os.path.abspath(p), os.path.realpath(p)}  # a symlinked venv: both spellings
-    paths = sorted(p for p in paths - {'/', '/tmp'} if not any(p.startswith(q + os.sep) for q in paths - {'/'}))
+    paths -= {'/', '/tmp'}  # never the host's /tmp: a script run from it puts it on sys.path
+    paths = sorted(p for p in paths if not any(p.startswith(q + os.sep) for q in paths))
     args, made = [], set()
     for path in paths:
         parts = path.split(os.sep)

@@ -145,6 +145,7 @@ def test_bwrap_with_the_interpreter_under_tmp(tmp_path, monkeypatch):
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=120)
     monkeypatch.setattr(sys, 'executable', str(venv / 'bin' / 'python'))
     monkeypatch.setattr(sys, 'prefix', str(venv))
+    monkeypatch.setattr(sys, 'path', ['/tmp', *sys.path])  # as for a script run from /tmp: never bound whole
     monkeypatch.setattr(ev, 'sandbox', 'auto')
     monkeypatch.setattr(ev, '_modes', {})
     assert ev.sandbox_mode()[0], 'bwrap installed, but not used'
