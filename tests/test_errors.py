@@ -40,6 +40,9 @@ import eval as ev  # noqa: E402
     ('eval.py', ['humaneval', '--samples=/missing'], 'no /missing: --samples names a jsonl'),
     ('eval.py', ['ppl', '--EOT=7'], 'unknown option --EOT'),
     ('prepare_data.py', ['x', '--EOT=7'], 'unknown option --EOT'),
+    ('prepare_data.py', ['pystdlib', '--max_tokens=-1'], 'prepare_data.py: --max_tokens=-1 must be 0 (all) or more'),
+    ('prepare_data.py', ['pystdlib', '--workers=0'], '--workers=0 must be at least 1'),
+    ('prepare_data.py', ['pystdlib', '--val_fraction=1'], '--val_fraction=1.0 must be in [0, 1)'),
     ('prepare_data.py', ['humaneval', '--github_base=http://127.0.0.1:9', '--retries=0', '--data_dir={data}'],
      '--github_base=URL fetches from a mirror'),
 ])

@@ -108,7 +108,9 @@ def protection(request, monkeypatch):
     return request.param
 
 
-def test_sandbox(protection, tmp_path, monkeypatch):
+def check_contained(monkeypatch, os_level, extra=None):
+    """Every case of SANDBOX (and of OS_LEVEL where `os_level`) run together: each passes or fails as it should,
+    nothing outside is written, deleted or connected to, and the scratch directories are removed."""
     # outside: in the system's other temp directory, which bwrap leaves visible (read-only), unlike /tmp
     outside = tempfile.mkdtemp(prefix='nca-outside-', dir='/var/tmp' if os.path.isdir('/var/tmp') else None)
     server = FixtureServer()
@@ -117,7 +119,7 @@ def test_sandbox(protection, tmp_path, monkeypatch):
             f.write('keep')
         monkeypatch.setattr(ev, 'timeout', 3.0)
         scratch_before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith('nca-eval-')}
-        cases = {**SANDBOX, **(OS_LEVEL if protection == 'bwrap' else {})}
+        cases = {**SANDBOX, **(OS_LEVEL if os_level else {}), **(extra or {})}
         programs = [p.format(outside=outside, port=server.url.rsplit(':', 1)[1]) for p, _ in cases.values()]
         results = ev.run_programs(programs)  # all together, in parallel: the evaluation goes on
         for (name, (_, want)), (passed, why) in zip(cases.items(), results):
@@ -128,6 +130,46 @@ def test_sandbox(protection, tmp_path, monkeypatch):
     finally:
         server.close()
         shutil.rmtree(outside)
+
+
+def test_sandbox(protection, monkeypatch):
+    check_contained(monkeypatch, protection == 'bwrap')
+
+
+def test_bwrap_with_the_interpreter_under_tmp(tmp_path, monkeypatch):
+    """A venv under /tmp (as CI systems make them), which bwrap's private /tmp would hide: still bwrap, still
+    contained."""
+    if not shutil.which('bwrap'):
+        pytest.skip('bwrap is not installed (apt-get install bubblewrap)')
+    venv = tmp_path / 'venv'  # under /tmp, in pytest's folder that only root may cross
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=120)
+    monkeypatch.setattr(sys, 'executable', str(venv / 'bin' / 'python'))
+    monkeypatch.setattr(sys, 'prefix', str(venv))
+    monkeypatch.setattr(sys, 'path', ['/tmp', *sys.path])  # as for a script run from /tmp: never bound whole
+    monkeypatch.setattr(ev, 'sandbox', 'auto')
+    monkeypatch.setattr(ev, '_modes', {})
+    assert ev.sandbox_mode()[0], 'bwrap installed, but not used'
+    check_contained(monkeypatch, True, {
+        'the runner is the venv under /tmp': (
+            f"import sys\nassert sys.prefix == {str(venv)!r} and sys.executable == {sys.executable!r}\n", True),
+        'as root, the program runs as nobody': (  # bwrap as nobody, or as root with the program as nobody
+            f"import os\nassert os.getuid() == {ev.NOBODY if os.geteuid() == 0 else os.geteuid()}\n", True)})
+
+
+def test_auto_refuses_the_guards_where_bwrap_is_installed_but_fails(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / 'bwrap'  # a bwrap that cannot start, as in a container without namespaces
+    fake.write_text('#!/bin/sh\necho "bwrap: No permissions to create new namespace" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv('PATH', str(tmp_path))
+    monkeypatch.setattr(ev, '_modes', {})
+    monkeypatch.setattr(ev, 'sandbox', 'auto')
+    with pytest.raises(SystemExit) as e:
+        ev.sandbox_mode()
+    err = str(e.value)  # sys.exit's message: one line on stderr
+    assert '\n' not in err and 'No permissions to create new namespace' in err and '--sandbox=guards' in err, err
+    assert not capsys.readouterr().err  # no mode said: none chosen
+    monkeypatch.setattr(ev, 'sandbox', 'guards')  # said so: the guards alone
+    assert ev.sandbox_mode()[0] is None and ev.run_program('assert 1 + 1 == 2\n') == (True, 'passed')
 
 
 def test_without_bwrap_the_guards_run_and_say_so(monkeypatch, capsys):
