@@ -9,6 +9,7 @@ at the NCA data and watch an NCA model.
     python eval.py humaneval --samples=samples.jsonl         # score completions made by any model
     python eval.py bbl --ckpt=out-sft/ckpt.pt                # 19 BIG-bench Lite tasks, 2 shots, pass@k for chance
     python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # runs' log.jsonl, arms over seeds
+    python eval.py icl --ckpt=out-lm [--at_start=true]       # the in-context probe: late vs early loss, induction
     python eval.py watch --ckpt=out-nca                      # an NCA model's predictions on held-out rules, by frame
     python eval.py nca [--num_rules=1024 --n_states=2 ...]   # the NCA data: automata, the filter's statistics
 
@@ -88,12 +89,14 @@ out = ''                # JSON of the results ('' = eval-TASK.json beside the ch
 runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (an arm's runs are its seeds)
 baseline = ''           # compare: the arm the others are measured against ('' = the first)
 png = ''                # compare: also plot validation loss against tokens here (needs matplotlib); watch: the picture
+at_start = False        # icl: probe the model as its run began (stage-2 step 0: the blocks transferred, embedding new)
+batches = 32            # icl: batches of held-out text and of repeated random tokens
 seed = 1337
 device = ''
 dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
-TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'watch', 'nca']
+TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'icl', 'watch', 'nca']
 NCA_DATA = ('grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower', 'gzip_upper',
             'gzip_frames', 'num_rules', 'num_val_rules', 'block_size')  # nca_gpt.py's options that make its NCA data
 MODEL = ('ckpt', 'device', 'dtype')
@@ -101,7 +104,7 @@ SAMPLING = MODEL + ('data_dir', 'n', 'temperature', 'top_p', 'top_k', 'max_new_t
 OPTIONS = {'ppl': MODEL + ('data_dir', 'datasets', 'max_tokens', 'batch_size'),  # what each task reads, and --out
            'gsm8k': SAMPLING + ('style',), 'bbl': SAMPLING,
            'humaneval': SAMPLING + ('samples', 'timeout', 'memory_mb', 'workers', 'sandbox'),
-           'compare': ('runs', 'baseline', 'png'), 'watch': ('ckpt', 'device', 'png'), 'nca': ('seed', 'device') + NCA_DATA}
+           'compare': ('runs', 'baseline', 'png'), 'icl': MODEL + ('at_start', 'batches'), 'watch': ('ckpt', 'device', 'png'), 'nca': ('seed', 'device') + NCA_DATA}
 vocab = dict(kind='gpt2', size=50257)  # load_model sets the checkpoint's: kind gpt2 | bytes; the embedding pads past size
 PROTOCOL = {  # n, temperature, top_p, max_new_tokens, stop strings
     'gsm8k': (32, 0.6, 1.0, 250, ['\n\nQuestion:', 'Question:']),
@@ -469,7 +472,7 @@ def check_inputs(task):
     """The files a task reads exist: checked before the model is loaded, each miss one line on what to run."""
     if task == 'humaneval' and samples and not os.path.exists(samples):
         die(f"no {samples}: --samples names a jsonl of {{task_id, completion}} rows, as openai/human-eval writes them")
-    for name in datasets.split(',') if task == 'ppl' else [task] if task not in ('compare', 'watch', 'nca') else []:
+    for name in datasets.split(',') if task == 'ppl' else [task] if task not in ('compare', 'icl', 'watch', 'nca') else []:
         meta = os.path.join(data_dir, name, 'meta.json')
         if not os.path.exists(meta):
             die(f"no {meta}: run `python prepare_data.py {name}` first")
@@ -788,15 +791,44 @@ def eval_watch(_, n_rules=3, n_summary=32):
                 frame_acc=acc[:, 1:].mean(0).tolist(), copy_acc=copy.mean(0).tolist(), rules=n_summary)
 
 
+def eval_icl(_):
+    """eval.py icl: the in-context probe of an lm checkpoint (nca_gpt.in_context_scores) on `batches` batches of its
+    validation split and of repeated random tokens; --at_start=true: of the model its run began with, rebuilt as
+    train() builds it (the seed, then the blocks of --init_from and a fresh embedding and head)."""
+    path = ckpt_file()
+    checkpoint = nca_gpt.load_checkpoint(path)
+    if checkpoint['stage'] != 'lm':
+        die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: the probe reads an lm one")
+    config = checkpoint['config']
+    model = as_run(checkpoint, eval_iters=batches)
+    if at_start:
+        torch.manual_seed(config['seed'])
+        model = GPT(**checkpoint['model_args'])
+        if config['init_from'] not in ('scratch', 'resume'):
+            nca_gpt.transfer(model, nca_gpt.load_checkpoint(config['init_from']), same_vocab=False, keep=config['keep_embeddings'])
+        model.to(device)
+    stats = nca_gpt.evaluate(model, autocast())
+    step = 0 if at_start else checkpoint['iter_num']
+    print(f"{path}: step {step}{' (rebuilt)' if at_start else ''}, {batches} batches of "
+          f"{config['batch_size']} x {config['block_size']}: val loss {stats['val_loss']:.4f}; in-context score (last tenth "
+          f"- positions 5-15%) {stats['icl']:+.4f}; induction (second copy - first) {stats['induction']:+.4f} nats")
+    return dict(scores={'val loss': stats['val_loss'], 'icl': stats['icl'], 'induction': stats['induction']}, step=step)
+
+
 # =============================================================================
 # Comparing runs as the paper does: final perplexity, and the tokens needed to reach the baseline's
 # =============================================================================
-def val_curve(out_dir):
-    """A run's validation losses -> [(tokens, loss)] in order (older logs without tokens: steps)."""
+def read_log(out_dir):
     path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.exists(path):
         die(f"no {path}: is {out_dir} a run of nca_gpt.py?")
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def val_curve(out_dir):
+    """A run's validation losses -> [(tokens, loss)] in order (older logs without tokens: steps)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    rows = read_log(out_dir)
     curve = [(r.get('tokens', r['step']), r['val_loss']) for r in rows if 'val_loss' in r]
     if not curve:
         die(f"{path} holds no evaluation yet")
@@ -820,6 +852,58 @@ def mean_curve(curves):
     return [(t, float(np.mean([dict(c)[t] for c in curves]))) for t in common]
 
 
+def run_config(out_dir):
+    """The config a run was trained with, from its checkpoint (memory-mapped: the weights are not read)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        die(f"no {path}: compare pairs runs by the seed in their checkpoints")
+    return torch.load(path, map_location='cpu', mmap=True, weights_only=False)['config']
+
+
+def as_run(checkpoint, **changes):
+    """Set nca_gpt's config to a checkpoint's (and `changes`), as its run had it -> the checkpoint's model."""
+    g = nca_gpt
+    for k, v in {**checkpoint['config'], **changes}.items():
+        if k in g.config_keys:
+            setattr(g, k, v)
+    g.device, g.vocab = device, checkpoint['vocab']
+    g._rule_sets.clear()
+    model = GPT(**checkpoint['model_args'])
+    model.load_state_dict(checkpoint['model'])
+    return model.to(device)
+
+
+def stage1_signal(out_dir):
+    """The in-context signal of a stage-1 (nca) run on held-out rules, always on unshuffled sequences (so that a
+    shuffled control is scored as NCA is): loss of frame 1 minus the last whole frame's, and next-frame accuracy
+    minus copying's. Cached in out_dir/signal.json, by the checkpoint's step."""
+    cache = os.path.join(out_dir, 'signal.json')
+    checkpoint = nca_gpt.load_checkpoint(out_dir)
+    if os.path.exists(cache) and json.load(open(cache)).get('step') == checkpoint['iter_num']:
+        return json.load(open(cache))
+    if checkpoint['stage'] != 'nca':
+        return None
+    model = as_run(checkpoint, nca_shuffle=False)
+    stats = nca_gpt.evaluate(model, nullcontext())
+    fl = stats['frame_loss']
+    signal = dict(step=checkpoint['iter_num'], frame1_minus_last=fl[0] - fl[-1],
+                  acc_minus_copy=stats['next_frame_acc'] - stats['copy_frame_acc'], frame_loss=fl,
+                  next_frame_acc=stats['next_frame_acc'], copy_frame_acc=stats['copy_frame_acc'])
+    atomic_write(cache, lambda tmp: json.dump(signal, open(tmp, 'w')))
+    return signal
+
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student's t, 97.5%, 1-10 d.o.f.
+
+
+def paired(diffs):
+    """Per-seed differences -> their mean, the half-width of its 95% interval (t, n - 1 d.o.f.; beyond 10, 1.96 +
+    2.5 / dof is within 0.02 of the table), and how many seeds share the mean's sign."""
+    d, n = np.array(diffs), len(diffs)
+    half = (T975[n - 2] if n <= 11 else 1.96 + 2.5 / (n - 1)) * d.std(ddof=1) / math.sqrt(n) if n > 1 else float('nan')
+    return dict(mean=float(d.mean()), ci95=float(half), same_sign=int((np.sign(d) == np.sign(d.mean())).sum()), n=n)
+
+
 def eval_compare(_):
     import glob
     arms = {}
@@ -839,6 +923,8 @@ def eval_compare(_):
     if base not in arms:
         die(f"--baseline={base} is not one of the arms: {', '.join(arms)}")
     finals = {a: np.array([c[-1][1] for c in runs_.values()]) for a, runs_ in arms.items()}
+    configs = {d: run_config(d) for runs_ in arms.values() for d in runs_}
+    base_by_seed = {configs[d]['seed']: c[-1][1] for d, c in arms[base].items()}
     base_mean, base_std = finals[base].mean(), finals[base].std(ddof=1) if len(finals[base]) > 1 else float('nan')
     base_curve = mean_curve(list(arms[base].values()))
     base_tokens = tokens_to_reach(base_curve, base_mean)  # where the baseline reaches its own final loss
@@ -850,6 +936,17 @@ def eval_compare(_):
                         gap_in_baseline_stds=float((f.mean() - base_mean) / base_std) if base_std > 0 else None,
                         tokens_to_baseline_final=reach, speedup=base_tokens / reach if reach else None,
                         runs={d: c[-1][1] for d, c in arms[a].items()})
+        # paired by seed: arms share seeds (the same stage-2 batches and validation windows)
+        shared = [(base_by_seed[configs[d]['seed']], c[-1][1]) for d, c in arms[a].items() if configs[d]['seed'] in base_by_seed]
+        table[a]['paired'] = paired([x - b for b, x in shared]) if a != base and shared else None
+        sources = {configs[d].get('init_from', 'scratch') for d in arms[a]} - {'scratch', 'resume'}
+        signals = [stage1_signal(s) for s in sorted(sources)]
+        signals = [s for s in signals if s]
+        table[a]['stage1'] = {k: float(np.mean([s[k] for s in signals])) for k in ('frame1_minus_last', 'acc_minus_copy')} if signals else None
+        probes = [[r for r in read_log(d) if 'induction' in r] for d in arms[a]]
+        if all(probes):
+            table[a]['probe'] = {f"{k}_{when}": float(np.mean([p[i][k] for p in probes]))
+                                 for k in ('icl', 'induction') for when, i in (('start', 0), ('end', -1))}
     print(f"{'arm':<16} {'seeds':>5} {'final val loss':>17} {'ppl':>8} {'vs ' + base:>12} {'gap/sd':>7} {'speed-up':>9}")
     for a, r in table.items():
         sd = f" +- {r['final_loss_std']:.4f}" if r['final_loss_std'] is not None else ' ' * 9
@@ -858,6 +955,18 @@ def eval_compare(_):
         print(f"{a:<16} {r['seeds']:>5} {r['final_loss']:8.4f}{sd} {r['ppl']:8.3f} {r['ppl_change_pct']:+11.2f}% {gap} {speed}")
     print(f"speed-up: the tokens {base} needs to reach its own final loss ({base_mean:.4f}), over the tokens an arm "
           f"needs (mean curves over seeds, linear between evaluations); gap/sd: in {base}'s seed standard deviations")
+    print(f"\n{'arm':<16} {'arm - ' + base + ', paired by seed':>32} {'stage 1: frame 1 - last, acc - copy':>36} "
+          f"{'icl start/end':>14} {'induction start/end':>20}")
+    for a, r in table.items():
+        p, s1, pr = r['paired'], r['stage1'], r.get('probe')
+        pair = f"{p['mean']:+.4f} +- {p['ci95']:.4f} ({p['same_sign']}/{p['n']} same sign)" if p else '-'
+        sig = f"{s1['frame1_minus_last']:+.3f} nats, {100 * s1['acc_minus_copy']:+.1f} pts" if s1 else '-'
+        icl = f"{pr['icl_start']:+.3f}/{pr['icl_end']:+.3f}" if pr else '-'
+        ind = f"{pr['induction_start']:+.3f}/{pr['induction_end']:+.3f}" if pr else '-'
+        print(f"{a:<16} {pair:>32} {sig:>36} {icl:>14} {ind:>20}")
+    print(f"paired: per seed, arm - {base} final loss, mean +- the half-width of its 95% interval (t); stage 1: the "
+          f"in-context signal of the checkpoint each arm started from, on unshuffled held-out rules; icl and "
+          f"induction: nats, late minus early context and second copy minus first (negative: learned in context)")
     if png:
         try:
             import matplotlib
@@ -891,7 +1000,7 @@ def main(argv):
         if k != 'out' and k not in OPTIONS[task]:
             die(f"--{k} is an option of eval.py {'/'.join(t for t in TASKS if k in OPTIONS[t])}, not of eval.py {task}")
     globals().update({k: v for k, v in overrides.items() if k in config_keys and not (task == 'nca' and k in nca_options)})
-    positive = ('batch_size', 'workers', 'memory_mb', 'timeout')
+    positive = ('batch_size', 'workers', 'memory_mb', 'timeout', 'batches')
     for k in ('n', 'max_tokens', 'max_new_tokens', 'limit', 'top_k') + positive:
         if globals()[k] < 0 or globals()[k] == 0 and k in positive:
             die(f"--{k}={globals()[k]} must be " + ("positive" if k in positive else "0 (the default) or more"))
@@ -905,12 +1014,12 @@ def main(argv):
             setattr(nca_gpt, k, overrides[k])
         nca_gpt.stage, nca_gpt.seed, nca_gpt.device = 'nca', seed, device
         nca_gpt.check_config()
-    model, path = (None, None) if task in ('compare', 'watch', 'nca') or (task == 'humaneval' and samples) else load_model()
-    path = ckpt_file() if task == 'watch' else path
+    model, path = (None, None) if task in ('compare', 'icl', 'watch', 'nca') or (task == 'humaneval' and samples) else load_model()
+    path = ckpt_file() if task in ('icl', 'watch') else path
     out = out or os.path.join(os.path.dirname(path or ''), f'eval-{task}.json')
     t0 = time.time()
     result = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl,
-              'compare': eval_compare, 'watch': eval_watch, 'nca': eval_nca}[task](model)
+              'compare': eval_compare, 'icl': eval_icl, 'watch': eval_watch, 'nca': eval_nca}[task](model)
     if task == 'ppl':
         result = dict(scores={f"{k} {m}": v[m] for k, v in result.items() for m in ('ppl', 'bits_per_byte')}, datasets=result)
     result.update(task=task, checkpoint=path, seed=seed, seconds=time.time() - t0,

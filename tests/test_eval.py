@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT
 from fixture_server import FixtureServer, serve_benchmarks
+from test_train import FAST, lm_data, run  # noqa: F401  (lm_data is a fixture)
 
 sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
@@ -343,10 +344,11 @@ def test_padding_ids_are_never_sampled(tiny_model):
         assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
 
 
-def write_log(folder, curve):
+def write_log(folder, curve, seed=1):
     folder.mkdir(parents=True)
     (folder / 'log.jsonl').write_text(''.join(json.dumps(dict(step=t // 100, tokens=t, val_loss=v)) + '\n'
                                               + json.dumps(dict(step=t // 100, loss=v + 0.1)) + '\n' for t, v in curve))
+    torch.save(dict(config=dict(seed=seed, init_from='scratch')), folder / 'ckpt.pt')  # compare pairs runs by seed
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
@@ -361,7 +363,7 @@ def test_compare_arms_over_seeds(tmp_path, monkeypatch):
     # baseline: two seeds ending at 2.0 and 2.2 (mean 2.1, sd 0.1414); its mean curve reaches 2.1 at 400 tokens.
     # "fast" reaches 2.1 at 200 tokens (2x) and ends at 1.9; "slow" never gets there.
     write_log(tmp_path / 'base-s1', [(0, 5.0), (200, 3.0), (400, 2.0)])
-    write_log(tmp_path / 'base-s2', [(0, 5.0), (200, 3.2), (400, 2.2)])
+    write_log(tmp_path / 'base-s2', [(0, 5.0), (200, 3.2), (400, 2.2)], seed=2)
     write_log(tmp_path / 'fast-s1', [(0, 5.0), (200, 2.1), (400, 1.9)])
     write_log(tmp_path / 'slow-s1', [(0, 5.0), (200, 4.0), (400, 3.0)])
     monkeypatch.chdir(tmp_path)
@@ -377,6 +379,72 @@ def test_compare_arms_over_seeds(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, 'runs', 'base=nothing-*')
     with pytest.raises(SystemExit, match='names no run folder'):
         ev.eval_compare(None)
+
+
+def test_compare_pairs_arms_by_seed(tmp_path, monkeypatch):
+    # the arm's folders sort in another order than their seeds: pairing must follow the checkpoints' seeds
+    for seed, base, arm, name in [(1, 2.0, 1.9, 'd'), (2, 2.1, 2.05, 'c'), (3, 2.2, 2.1, 'b'), (4, 2.3, 2.35, 'a')]:
+        write_log(tmp_path / f'base-s{seed}', [(0, 5.0), (400, base)], seed=seed)
+        write_log(tmp_path / f'arm-{name}', [(0, 5.0), (400, arm)], seed=seed)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, 'runs', 'base=base-s*,arm=arm-*')
+    monkeypatch.setattr(ev, 'png', '')
+    arms = ev.eval_compare(None)['arms']
+    p = arms['arm']['paired']  # differences -0.1, -0.05, -0.1, +0.05: sd 0.0707, t(3) = 3.182
+    assert p['mean'] == pytest.approx(-0.05) and p['ci95'] == pytest.approx(3.182 * 0.070711 / 2, abs=1e-4)
+    assert (p['same_sign'], p['n']) == (3, 4) and arms['base']['paired'] is None and arms['arm']['stage1'] is None
+
+
+def test_paired_interval_and_sign_count():
+    assert ev.paired([1.0, 2.0, 3.0]) == dict(mean=2.0, ci95=pytest.approx(4.303 / math.sqrt(3)), same_sign=3, n=3)
+    assert ev.paired([0.1, -0.3])['ci95'] == pytest.approx(12.706 * 0.2828427 / math.sqrt(2))
+    assert ev.paired([-1.0] * 5 + [2.0] * 7)['same_sign'] == 7
+
+
+class CopyFromContext(torch.nn.Module):
+    """An induction head written out: predict the token that followed the last earlier occurrence of this one."""
+    def forward(self, x, targets=None):
+        B, T = x.shape
+        logits = torch.zeros(B, T, 50304)
+        for b in range(B):
+            seen = {}
+            for t in range(T):
+                if x[b, t].item() in seen and seen[x[b, t].item()] + 1 < T:
+                    logits[b, t, x[b, seen[x[b, t].item()] + 1]] = 30.0
+                seen[x[b, t].item()] = t
+        return logits, None
+
+
+def test_induction_probe_sees_a_copying_model_and_not_a_fresh_one(nca):
+    nca.vocab, nca.block_size = dict(kind='gpt2', size=50257), 128
+    x, y = nca.repeated_tokens(0, 8, 64)                                  # (8, 127): 64 random tokens, then again
+    assert torch.equal(x[:, 64:], x[:, :63]) and torch.equal(y[:, :63], x[:, 1:64])
+    flat = torch.zeros(nca.block_size)
+    copier = nca.in_context_scores(flat, nca.token_losses(CopyFromContext()(x)[0], y).mean(0))
+    assert copier['induction'] < -10  # the second copy costs ~0 nats, the first ~ln(50,304) = 10.8
+    torch.manual_seed(0)
+    fresh = nca.GPT(50304, n_layer=2, n_head=2, n_embd=32, block_size=128).eval()
+    with torch.no_grad():
+        assert abs(nca.in_context_scores(flat, nca.token_losses(fresh(x)[0], y).mean(0))['induction']) < 0.05
+    late = torch.cat([torch.full((115,), 3.0), torch.full((13,), 2.0)])  # the last tenth (12.8) 1 nat easier
+    assert nca.in_context_scores(late, torch.zeros(127))['icl'] == pytest.approx(-1.0)
+
+
+def test_icl_at_start_rebuilds_step_0_and_shuffled_stage1_is_scored_unshuffled(tmp_path, lm_data):
+    for arm, shuffle in (('nca', 'false'), ('shuffled', 'true')):
+        run(*FAST, '--stage=nca', '--max_iters=1', '--eval_interval=1', f'--nca_shuffle={shuffle}', f'--out_dir={tmp_path / arm}')
+    ev.device = 'cpu'
+    nca_signal, shuffled_signal = ev.stage1_signal(str(tmp_path / 'nca')), ev.stage1_signal(str(tmp_path / 'shuffled'))
+    own = [json.loads(line) for line in open(tmp_path / 'shuffled' / 'log.jsonl') if 'copy_frame_acc' in line][-1]
+    assert shuffled_signal['copy_frame_acc'] == nca_signal['copy_frame_acc'] != own['copy_frame_acc']
+    run(*FAST, '--stage=lm', '--dataset=toy', f'--data_dir={lm_data}', '--block_size=64', '--max_iters=2', '--eval_interval=2',
+        f'--init_from={tmp_path / "nca"}', f'--out_dir={tmp_path / "lm"}')
+    p = subprocess.run([sys.executable, 'eval.py', 'icl', f'--ckpt={tmp_path / "lm"}', '--at_start=true', '--batches=2',
+                        f'--out={tmp_path / "icl.json"}', '--device=cpu'], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    step0 = json.loads(open(tmp_path / 'lm' / 'log.jsonl').readline())
+    got = json.load(open(tmp_path / 'icl.json'))['scores']
+    assert (got['icl'], got['induction'], got['val loss']) == (step0['icl'], step0['induction'], step0['val_loss'])
 
 
 def test_a_byte_model_samples_text(monkeypatch):
