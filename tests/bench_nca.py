@@ -8,7 +8,7 @@ timed calls after a warm-up, as the machine may be shared. Against the authors' 
 side by side in one run (both on one pinned core, JAX's compile time taken out): `bash ../shared/peer/speed.sh`
 from the project's root. On the 2-core dev machine, 2026-11-28, 3 runs on the final code: generation + tokenisation 9.4-10.4x
 the authors' (1.96-2.45M vs 207-261k tokens/s), the filter 9.2-10.3x (3,334-3,579 vs 347-383 rules/s); unpinned
-(NCA_SPEED_CPUS=, both sides then use both cores) 8.9x and 9.0x (README, Speed).
+(NCA_SPEED_CPUS=, both sides then use both cores) 8.9x and 9.0x (docs/speed.md).
 """
 import os
 import sys
