@@ -11,7 +11,6 @@ Read it top to bottom:
 
 Run:  python nca_gpt.py --stage nca                      (then --stage lm --init_from=out-nca, see README)
       torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
-Every config value below can be overridden as --key=value or --key value.
 """
 import functools
 import gzip
@@ -68,15 +67,12 @@ n_head = 12
 n_embd = 768
 block_size = 1024       # context length; NCA and Dyck sequences are this long
 dropout = 0.0           # attention dropout (the paper: 0.1)
-# the recipe: how the model is initialised and optimised. project | authors (as the authors' code trains, every
-# item below; README "This code and the authors' code"). Each item is its own flag, for ablations:
+# the recipe: project | authors (every item below as the authors' code has it: RECIPES); each its own flag too
 recipe = 'project'
-emb_init = 'normal'     # a fresh embedding and head: normal N(0, 0.02) | torch: torch's constructor defaults, N(0, 1)
-                        #   and U(+-1/sqrt(n_embd)) (the authors' stage 2, and their scratch baseline)
+emb_init = 'normal'     # fresh embedding and head: normal N(0, 0.02) | torch: torch's defaults (the authors' stage 2)
 head_bias = False       # the head has a bias, head and bias at torch's init U(+-1/sqrt(n_embd)) (the authors' stage 1)
 scale_residual = True   # the projections into the residual stream at N(0, 0.02/sqrt(2 n_layer)) (GPT-2); False: 0.02
-pad_vocab = 64          # the embedding and head have the vocabulary's rows rounded up to a multiple of this (the
-                        #   authors: 64000 in stage 1, 1 = exact in stage 2)
+pad_vocab = 64          # embedding and head rows: the vocabulary rounded up to a multiple (the authors: 64000, then 1)
 # transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head re-initialised
 reinit = ''             # also re-initialise parts: e.g. 'attn', 'mlp:0-11', 'attn:12-23,norm'
 freeze = ''             # parts to keep fixed, same syntax; 'emb' and 'head' too
@@ -99,8 +95,7 @@ beta2 = 0.999           # torch's Adam default, as the paper's code (nanoGPT: 0.
 grad_clip = 1.0         # 0 disables
 clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean (the authors' stage 2: a micro-step's
                         #   loss is not divided by their number; under Adam only clipping and eps see the difference)
-warmup_zero = False     # the warm-up's first update at lr 0, lr * it / warmup_iters (the authors' LambdaLR); False:
-                        #   lr * (it + 1) / (warmup_iters + 1)
+warmup_zero = False     # the warm-up starts at lr 0 (the authors' LambdaLR); False: at lr / (warmup_iters + 1) (get_lr)
 # system
 device = ''             # '' picks cuda, then mps, then cpu
 dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
@@ -112,8 +107,7 @@ PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-
                 max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
 FINETUNE = dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0, lr_decay_iters=0)
 PRESETS = {
-    # any CPU, a few minutes: every stage end to end. Its NCA data is not the paper's (README: both side by side):
-    # 10 states (10^4 tokens) teach little in minutes; 2 states in 13 frames show the rule inferred in context
+    # any CPU, a few minutes, every stage. Not the paper's NCA data: 2 states show in-context learning in minutes
     'tiny': {'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
                          learning_rate=3e-3, min_lr=3e-4, beta2=0.95, max_iters=300, warmup_iters=30, lr_decay_iters=300,
                          eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000, num_val_rules=200),
@@ -147,14 +141,14 @@ RECIPES = {
 CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'], 'recipe': list(RECIPES),
            'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto'],
            'emb_init': ['normal', 'torch']}
+SCRIPT = 'nca_gpt.py'  # what this script's errors start with (die); eval.py, running its NCA checks, sets its own name
+schedule_shares = {}  # configure(): warm-up and decay as shares of the preset's length, where not given
+progress = {}         # train(): the step reached and the last checkpoint's, for the message on Ctrl-C
 # -----------------------------------------------------------------------------
 
-# =============================================================================
-# 1. The NCA data engine
-# =============================================================================
-# Every random number is a pure function of (seed, what it is for, which sequence or rule), made by a
-# counter-based hash rather than a stateful generator. So sequence i of epoch e is the same whatever the
-# batch size, the number of GPUs, the device, or where a resumed run picks up.
+# ==== 1. The NCA data engine =================================================
+# Every random number is a pure function of (seed, what it is for, which sequence or rule) by a counter-based hash,
+# not a stateful generator: sequence i is the same whatever the batch size, GPUs, device, or where a run resumed.
 
 MASK32 = 0xFFFFFFFF
 RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE, REPEAT = range(1, 11)  # streams: what they are for
@@ -165,12 +159,10 @@ def mix32(x):
     """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never overflow). After the first
     operation, a tensor is hashed in place: big int64 temporaries would cost more than the arithmetic."""
     x = x ^ (x >> 16)
-    x *= 0x45d9f3b
-    x &= MASK32
-    x ^= x >> 16
-    x *= 0x45d9f3b
-    x &= MASK32
-    x ^= x >> 16
+    for _ in range(2):
+        x *= 0x45d9f3b
+        x &= MASK32
+        x ^= x >> 16
     return x
 
 
@@ -207,9 +199,8 @@ def categorical(probs, u, dim=-1):
 
 
 # --- the rule network ---------------------------------------------------------
-# The paper's rule (Flax): wrap-pad by 1, conv 3x3 n->4, conv 1x1 4->16, ReLU, conv 1x1 16->n logits.
-# Flax draws kernels from lecun normal (truncated normal, variance 1/fan_in) and biases as zeros. The
-# rules are never trained, so their 30 biases stay zero and are left out here: 614 - 30 = 584 weights.
+# The paper's rule (Flax): wrap-pad by 1, conv 3x3 n->4, conv 1x1 4->16, ReLU, conv 1x1 16->n logits. Kernels are
+# lecun normal (truncated, variance 1/fan_in); the 30 biases start at zero and are never trained: left out, 584 weights.
 HIDDEN1, HIDDEN2 = 4, 16
 
 
@@ -279,9 +270,8 @@ def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
         state = states[:, t]
         rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
         h = F.embedding_bag(rows, table, bags, mode='sum').relu_().view(R, C, HIDDEN2)  # sum of 9 rows per cell
-        # the states on the middle axis: every op over them then runs along a row of cells, 3-6x faster on a
-        # CPU than with the 10 states last
-        logits = torch.bmm(w3, h.transpose(1, 2))                                        # (R, n, C)
+        # (R, n, C): the states on the middle axis, so ops over them run along rows of cells (3-6x faster on a CPU)
+        logits = torch.bmm(w3, h.transpose(1, 2))
         if identity_bias:
             logits = logits + identity_bias * F.one_hot(state.long(), n).transpose(1, 2)
         if temperature == 0:
@@ -333,12 +323,12 @@ def gzip_ratio(tokens):
 
 
 _gzip_pool = ThreadPoolExecutor(os.cpu_count())  # zlib releases the GIL, so threads use every core
+_rule_sets = {}  # get_rule_set's cache
 
 
 def trajectories(rules, keys, n_frames):
-    """rules (R, P), keys (R,) -> (R, n_frames, S, S): from a random initial grid of each key's own, the
-    frames after burn-in. The grid and the sampling noise have streams of their own (a rule's key already
-    made its weights)."""
+    """rules (R, P), keys (R,) -> (R, n_frames, S, S): the frames after burn-in, from each key's own random grid.
+    The grid and the sampling noise have streams of their own (a rule's key already made its weights)."""
     grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
     return rollout(rules, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)[:, burn_in:]
 
@@ -363,9 +353,6 @@ def no_rule_in_band(ratios):
     q = ' / '.join(f'{v:.3f}' for v in np.quantile(ratios.cpu().numpy(), [0.1, 0.5, 0.9]))
     die(f"the band ({gzip_lower}, {gzip_upper}) kept no rule; the candidates' gzip ratios have the quantiles 10/50/90% "
         f"{q}: choose --gzip_lower and --gzip_upper around them")
-
-
-_rule_sets = {}
 
 
 def get_rule_set(split, rule_set, count, chunk=2048):
@@ -433,9 +420,8 @@ def nca_batch(split, index, batch_size):
 
 @torch.no_grad()
 def dyck_batch(split, index, batch_size):
-    """k-Dyck sequences (prefixes of balanced words): token t < k opens bracket type t, k + t closes it.
-    -> X, Y (B, block_size) long. Depth stays in [0, dyck_depth]; at depth 0 the next bracket must open,
-    at full depth it must close, otherwise it opens with probability dyck_p_open."""
+    """k-Dyck sequences (prefixes of balanced words, depth at most dyck_depth): token t < k opens bracket type t, k + t
+    closes it; where both moves are allowed, a bracket opens with probability dyck_p_open. -> X, Y (B, block_size)."""
     B, L = batch_size, block_size + 1
     u = uniform(make_key(seed, SPLITS[split], DYCK, sequence_ids(index, batch_size)), 2 * L).view(B, L, 2)
     stack = torch.zeros(B, dyck_depth, dtype=torch.long, device=device)  # open bracket types
@@ -455,6 +441,7 @@ def dyck_batch(split, index, batch_size):
 # --- language data: what prepare_data.py wrote ---------------------------------
 EOT = 50256  # GPT-2's <|endoftext|>; tiktoken's r50k_base has the same ids as gpt2
 vocab = None  # set by train(): what the token ids of this run mean (stage_vocab)
+_sft_cache = {}  # sft_examples': (path, vocabulary kind) -> examples
 
 
 @functools.lru_cache(maxsize=8)  # read once: lm_batch asks every batch
@@ -488,9 +475,6 @@ def lm_batch(split, index, batch_size):
     starts = randint(make_key(seed, SPLITS[split], LM, torch.tensor([index])), batch_size, len(data) - block_size - 1)[0]
     xy = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
-
-
-_sft_cache = {}
 
 
 def sft_examples(split):
@@ -552,9 +536,7 @@ def stage_vocab():
     return dict(kind='gpt2', size=50257)  # sft from scratch (from a checkpoint it keeps the checkpoint's)
 
 
-# =============================================================================
-# 2. The GPT: Llama-style (pre-norm RMSNorm, rotary positions, SwiGLU, untied head)
-# =============================================================================
+# ==== 2. The GPT: Llama-style (pre-norm RMSNorm, rotary positions, SwiGLU, untied head) ====
 def rotary(T, head_dim, device, theta=1e4):
     """cos, sin (T, head_dim / 2) of the rotary position embedding."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
@@ -622,28 +604,22 @@ class GPT(nn.Module):
 
     def init_weights(self, module):
         """N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 n_layer) (GPT-2; off with
-        scale_residual=False, as the authors' HF init). emb_init='torch' leaves the embedding and the head at torch's
-        constructor defaults, N(0, 1) and U(+-1/sqrt(n_embd)): the authors' stage 2. So does a head with a bias (their
-        stage-1 head, made outside HF's initialiser)."""
+        scale_residual=False, as the authors' HF init). emb_init='torch' keeps torch's defaults for the embedding and
+        the head (the authors' stage 2); so does a head with a bias (their stage-1 head, made outside HF's init)."""
         if module is self.head and (self.emb_init == 'torch' or module.bias is not None):
             module.reset_parameters()       # nn.Linear's: weight and bias U(+-1/sqrt(n_embd))
         elif module is self.wte and self.emb_init == 'torch':
             module.reset_parameters()       # nn.Embedding's: N(0, 1)
         elif isinstance(module, (nn.Linear, nn.Embedding)):
-            scaled = self.scale_residual and module in self.residual_projections()
+            scaled = self.scale_residual and any(module in (b.attn.proj, b.mlp.down) for b in self.blocks)
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.n_layer) if scaled else 0.02)
         elif isinstance(module, nn.RMSNorm):
             torch.nn.init.ones_(module.weight)
 
-    def residual_projections(self):
-        return [m for b in self.blocks for m in (b.attn.proj, b.mlp.down)]
-
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) -> logits (B, T, V); with targets (B, T), -1 = no loss: also the mean loss.
         For sampling, cache (from new_cache) holds the keys and values of positions < pos."""
-        T = idx.size(1)
-        cos, sin = rotary(pos + T, self.wte.embedding_dim // self.n_head, idx.device)
-        cos, sin = cos[pos:], sin[pos:]
+        cos, sin = (t[pos:] for t in rotary(pos + idx.size(1), self.wte.embedding_dim // self.n_head, idx.device))
         x = self.wte(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache[i] if cache else None, pos)
@@ -664,9 +640,7 @@ class GPT(nn.Module):
         return 6 * N + 12 * self.n_layer * self.wte.embedding_dim * T
 
 
-# =============================================================================
-# 3. Transfer: keep the blocks, re-initialise the embedding and the head
-# =============================================================================
+# ==== 3. Transfer: keep the blocks, re-initialise the embedding and the head ====
 def parts(spec, model):
     """'attn:0-11,mlp,norm,emb,head' -> the modules it names (a layer range applies to attn, mlp, norm)."""
     found = []
@@ -674,10 +648,8 @@ def parts(spec, model):
         name, _, layers = item.partition(':')
         lo, _, hi = layers.partition('-')
         blocks = model.blocks[int(lo):int(hi or lo) + 1] if layers else model.blocks
-        if name == 'emb':
-            found.append(model.wte)
-        elif name == 'head':
-            found.append(model.head)
+        if name in ('emb', 'head'):
+            found.append(model.wte if name == 'emb' else model.head)
         elif name in ('attn', 'mlp', 'norm'):
             found += [m for b in blocks for m in ([b.norm1, b.norm2] if name == 'norm' else [getattr(b, name)])]
             found += [model.norm] if name == 'norm' and not layers else []
@@ -690,12 +662,10 @@ def parts(spec, model):
 def transfer(model, source, same_vocab, keep=False):
     """Load a checkpoint of another stage into a model of this stage's vocabulary. keep: the embedding and
     head too (the same vocabulary: lm -> sft, or the paper's "C4, no re-init" control)."""
-    state = {k: v for k, v in source['model'].items() if not k.startswith(('wte.', 'head.'))}
-    if keep:
-        if not same_vocab:
-            die("keeping the embedding and head needs the same vocabulary in both stages: sft and "
-                "--keep_embeddings start from an lm checkpoint")
-        state = source['model']
+    if keep and not same_vocab:
+        die("keeping the embedding and head needs the same vocabulary in both stages: sft and "
+            "--keep_embeddings start from an lm checkpoint")
+    state = {k: v for k, v in source['model'].items() if keep or not k.startswith(('wte.', 'head.'))}
     target = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
                   for k, v in state.items() if k in target and v.shape != target[k].shape]
@@ -710,9 +680,7 @@ def transfer(model, source, same_vocab, keep=False):
         module.requires_grad_(False)
 
 
-# =============================================================================
-# 4. Training: one loop for every stage
-# =============================================================================
+# ==== 4. Training: one loop for every stage ==================================
 def tokens_per_iter():
     return batch_size * gradient_accumulation_steps * block_size
 
@@ -725,10 +693,6 @@ def get_lr(it):
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-schedule_shares = {}  # configure(): warm-up and decay as shares of the preset's length, where not given
-progress = {}         # train(): the step reached and the last checkpoint's, for the message on Ctrl-C
 
 
 def run_length():
@@ -782,15 +746,13 @@ def evaluate(model, ctx):
                 by_position = by_position + token_losses(logits, y).mean(0) / eval_iters
                 repeat = repeat + token_losses(model(rx)[0], ry).mean(0) / eval_iters
         if stage == 'nca':
-            mask = (y != -1) & (y < n_states ** (patch * patch))  # the patch tokens of frames 1, 2, ...
-            token_loss = token_losses(logits, y)
-            frame = (torch.arange(y.size(1), device=y.device) + 1) // frame_len()  # (T,) the frame of each target
+            mask, L = (y != -1) & (y < n_states ** (patch * patch)), frame_len()  # the patch tokens of frames 1, 2, ...
+            frame = (torch.arange(y.size(1), device=y.device) + 1) // L  # (T,) the frame of each target
             by_frame = lambda v: torch.zeros(frame[-1] + 1, device=v.device).index_add(0, frame, v)  # noqa: E731
-            frame_sum = frame_sum + by_frame((token_loss * mask).sum(0))
+            frame_sum = frame_sum + by_frame((token_losses(logits, y) * mask).sum(0))
             frame_count = frame_count + by_frame(mask.sum(0).float())
             correct += ((logits.argmax(-1) == y) & mask).sum().item()
             # the copy baseline: each patch predicted as the token at its place one frame earlier
-            L = frame_len()
             copied += ((x[:, :x.size(1) - L + 1] == y[:, L - 1:]) & mask[:, L - 1:]).sum().item()
             total += mask.sum().item()
     model.train()
@@ -900,9 +862,7 @@ def train():
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None and device_type == 'cuda':
             torch.cuda.set_rng_state(cuda_rng)
-    raw_model = model
-    if compile:
-        model = torch.compile(model)
+    raw_model, model = model, torch.compile(model) if compile else model
     if ddp:
         local = [int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=local)
@@ -944,15 +904,12 @@ def train():
             check_finite(stats['val_loss'], iter_num, 'validation', ckpt_path)
             best_val_loss = min(best_val_loss, stats['val_loss'])
             if master:
-                extra = ''
-                if stage == 'nca':
-                    fl = stats['frame_loss']
-                    extra = (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
-                             f" | next-frame acc {stats['next_frame_acc']:.1%} (copying the last frame: "
-                             f"{stats['copy_frame_acc']:.1%})")
-                ppl = math.exp(min(stats['val_loss'], 50))
+                fl = stats.get('frame_loss')  # nca
+                extra = (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
+                         f" | next-frame acc {stats['next_frame_acc']:.1%} (copying the last frame: "
+                         f"{stats['copy_frame_acc']:.1%})") if fl else ''
                 print(f"step {iter_num}: val loss {stats['val_loss']:.4f} +- {stats['val_loss_se']:.4f} over {eval_iters} "
-                      f"fixed batches (ppl {ppl:.2f}){extra}")
+                      f"fixed batches (ppl {math.exp(min(stats['val_loss'], 50)):.2f}){extra}")
                 log_write(log, dict(step=iter_num, tokens=iter_num * tokens_per_iter(), **stats))
             save(iter_num)
         if iter_num >= max_iters:
@@ -964,8 +921,7 @@ def train():
                 model.require_backward_grad_sync = micro == micro_steps - 1
             with ctx:
                 _, loss = model(x, y)
-            # the update's gradient: the mean over micro-steps, or their sum (clip_sum: the authors' stage 2; DDP
-            # averages over the processes, hence x world)
+            # the update's gradient: the mean over micro-steps, or their sum (clip_sum); DDP averages, hence x world
             scaler.scale(loss * world if clip_sum else loss / micro_steps).backward()
             loss_sum += loss.detach()
         if grad_clip:
@@ -981,8 +937,7 @@ def train():
                 torch.distributed.all_reduce(loss_sum)
             lossf = loss_sum.item() / gradient_accumulation_steps  # the update's mean loss; a sync, so only here
             check_finite(lossf, iter_num, 'training', ckpt_path)
-            dt = (time.time() - t_last) / log_interval
-            t_last = time.time()
+            dt, t_last = (time.time() - t_last) / log_interval, time.time()
             mfu = f" | mfu {flops_per_iter / dt / peak_flops:.1%}" if peak_flops else ''
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             if master:
@@ -1050,9 +1005,7 @@ def free_memory(device):
     return None
 
 
-# =============================================================================
-# Command line
-# =============================================================================
+# ==== Command line ===========================================================
 def atomic_write(path, write):
     """write(tmp_path) then rename: a file is either whole or absent, never half-written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1063,9 +1016,6 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-SCRIPT = 'nca_gpt.py'  # what this script's errors start with; eval.py, running its NCA checks, sets its own name
 
 
 def die(msg, script=None):
@@ -1110,8 +1060,7 @@ def configure(argv):
     if len(lengths) > 1:
         die(f"--{lengths[0]} and --{lengths[1]} both set the run's length: give one")
     note = apply_preset(overrides)
-    # the run's length from the command line beats the preset's epochs, and the preset's warm-up and decay
-    # follow it (unless given too): they are kept as shares of the preset's length (README: Presets)
+    # a length given beats the preset's epochs; the preset's warm-up and decay keep their shares of it (README: Presets)
     schedule_shares = {k: globals()[k] / max(max_iters, 1) for k in ('warmup_iters', 'lr_decay_iters') if k not in overrides}
     globals().update({'epochs': 0.0} if lengths else {}, **overrides)
     return note
@@ -1119,9 +1068,9 @@ def configure(argv):
 
 def check_config():
     """Every bad value is a one-line error here, before any work starts."""
-    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
-            'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'gzip_frames', 'num_rules', 'num_val_rules', 'dyck_k', 'dyck_depth',
-            'pad_vocab')
+    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'n_layer',
+            'n_head', 'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'gzip_frames', 'num_rules', 'num_val_rules',
+            'dyck_k', 'dyck_depth', 'pad_vocab')
     for k in ones + ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
                      'weight_decay', 'grad_clip', 'burn_in', 'temperature', 'rule_resample', 'dropout', 'dyck_p_open'):
         if globals()[k] < (k in ones):
@@ -1162,16 +1111,9 @@ def devices():
     return ['cuda'] * bool(cuda) + ['mps'] * torch.backends.mps.is_available() + ['cpu'] + cuda
 
 
-def nca_band(ratio):
-    """--band=auto: the band for a corpus of this gzip ratio. The ratio rounded to 0.1 is its lower end, and 0.5 or
-    more takes the paper's (0.5, 1.0): that fits the paper's two data points, web text -> 0.5+ (English licence
-    texts measure 0.485) and code -> (0.3, 0.4) (the standard library: 0.26)."""
-    lower = min(0.5, round(ratio, 1))
-    return [lower, 1.0 if lower == 0.5 else round(lower + 0.1, 1)]
-
-
 def auto_band():
-    """--band=auto: the band of the target corpus's gzip ratio, as prepare_data.py measured it (README)."""
+    """--band=auto: the band of --dataset's gzip ratio as prepare_data.py measured it: the ratio rounded to 0.1 is its
+    lower end, 0.5 or more takes the paper's (0.5, 1.0) (README: that fits the paper's web text and code)."""
     global gzip_lower, gzip_upper
     if n_states != 10:
         die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
@@ -1179,7 +1121,8 @@ def auto_band():
     if measured.get('tokens') != 'gpt2':  # the filter's convention: int32 GPT-2 ids
         die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it again (online once, "
             f"for GPT-2's tokenizer), or give --gzip_lower and --gzip_upper")
-    gzip_lower, gzip_upper = nca_band(measured['median'])
+    gzip_lower = min(0.5, round(measured['median'], 1))
+    gzip_upper = 1.0 if gzip_lower == 0.5 else round(gzip_lower + 0.1, 1)
     print(f"--band=auto: {dataset}'s gzip ratio is {measured['median']:.3f}, so rules in ({gzip_lower}, {gzip_upper})")
 
 
