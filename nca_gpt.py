@@ -48,7 +48,7 @@ burn_in = 10            # steps simulated and dropped before the first frame
 gzip_lower = 0.5        # keep a rule when gzip_lower < ratio < gzip_upper: (0.5, 1.0) for web text
 gzip_upper = 1.0        #   and math, (0.3, 0.4) for code in the paper
 gzip_frames = 10        # frames after burn-in that the filter compresses
-band = ''               # 'auto': choose gzip_lower, gzip_upper from the gzip ratio of --dataset (README)
+band = ''               # 'auto': choose gzip_lower, gzip_upper from the gzip ratio of --dataset (docs/comparisons.md)
 num_rules = 16000       # training rules per epoch (eval.py nca: candidate rules to analyse)
 num_val_rules = 2000    # held-out rules, never trained on
 rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run (the authors' code)
@@ -1113,7 +1113,7 @@ def devices():
 
 def auto_band():
     """--band=auto: the band of --dataset's gzip ratio as prepare_data.py measured it: the ratio rounded to 0.1 is its
-    lower end, 0.5 or more takes the paper's (0.5, 1.0) (README: that fits the paper's web text and code)."""
+    lower end, 0.5 or more takes the paper's (0.5, 1.0) (docs/comparisons.md: that fits the paper's web text and code)."""
     global gzip_lower, gzip_upper
     if n_states != 10:
         die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
