@@ -140,8 +140,23 @@ def test_a_run_that_cannot_fit_is_refused(tmp_path, monkeypatch, nca):
     p = run(*FAST, '--stage=dyck', '--batch_size=100000000', f'--out_dir={tmp_path}', check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'memory: about' in p.stdout
     assert 'GiB free: lower --batch_size (raise --gradient_accumulation_steps' in p.stderr, p.stderr
-    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (3 * 2**30, 80 * 2**30))  # (free, total)
-    assert nca.free_memory('cuda:0') == 3 * 2**30
+
+
+@pytest.mark.parametrize('free_gib,fits', [(1024, True), (0.001, False)])
+def test_a_gpus_free_memory_decides(tmp_path, monkeypatch, nca, capsys, free_gib, fits):
+    """On CUDA the free memory comes from mem_get_info (free, total): the run goes on, or is refused, by the free
+    bytes, not the total (80 GiB here either way). The CUDA branch of free_memory runs with only torch's call faked."""
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (int(free_gib * 2**30), 80 * 2**30))
+    cuda_free = nca.free_memory
+    monkeypatch.setattr(nca, 'free_memory', lambda device: cuda_free('cuda:0'))  # the rest of the run on the CPU
+    args = ['--stage=dyck', '--max_iters=1', '--eval_interval=1', f'--out_dir={tmp_path}']
+    if fits:
+        train(nca, *args)
+        assert '; 1024.0 GiB free' in capsys.readouterr().out and list(train_losses(tmp_path)) == [1]
+    else:
+        with pytest.raises(SystemExit, match=r'has 0\.0 GiB free: lower --batch_size'):
+            train(nca, *args)
+        assert not os.path.exists(tmp_path / 'ckpt.pt')
 
 
 def test_gpu_check_dry_run(tmp_path):
