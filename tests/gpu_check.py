@@ -29,8 +29,12 @@ sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 import nca_gpt  # noqa: E402
 
-if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.environ.get('NCA_TIKTOKEN_CACHE'):  # GPT-2's ranks offline, as
-    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(os.environ['NCA_TIKTOKEN_CACHE'])  # the tests find them (conftest.py)
+# GPT-2's ranks for tiktoken offline: TIKTOKEN_CACHE_DIR or NCA_TIKTOKEN_CACHE as the tests read them (conftest.py);
+# else a shared/tiktoken-cache in or beside the checkout, where a GPU machine's copy of the tree may carry one
+for _cache in (os.environ.get('NCA_TIKTOKEN_CACHE'), os.path.join(ROOT, 'shared', 'tiktoken-cache'),
+               os.path.join(ROOT, '..', 'shared', 'tiktoken-cache')):
+    if _cache and os.path.isdir(_cache):
+        os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(_cache))
 DEFAULTS = {k: getattr(nca_gpt, k) for k in nca_gpt.config_keys}  # configure() layers on what is there: reset first
 DRY = '--dry_run' in sys.argv
 # the main job's settings, shortened by each run below; --warmup_iters=20 so that a short run's loss can fall
