@@ -180,7 +180,9 @@ def sample(model, prompt, n_samples, max_new, temp, p, k, stops, seed_base):
 
 def next_tokens(logits, temp, p, k, u):
     """logits (B, V), u (B,) uniforms -> (B,) next tokens: greedy at temperature 0, else top-k, top-p (nucleus)
-    sampling by the inverse CDF, as the NCA rollout samples its cells."""
+    sampling by the inverse CDF, as the NCA rollout samples its cells. Never an id past the vocabulary (those that
+    only pad the embedding, e.g. a byte model's 257-319, which decoding would drop silently)."""
+    logits = logits[:, :vocab['size']]
     if temp == 0:
         return logits.argmax(-1)
     logits = logits / temp

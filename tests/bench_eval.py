@@ -5,7 +5,14 @@ each step (run by hand).
 
 Prints new tokens/s both ways and what HumanEval at the paper's protocol (164 problems x 64 samples, ~200 new
 tokens each on average, at most 500) would take at that rate.
+
+    python tests/bench_eval.py --canonical=canonical.jsonl [--data_dir=data]
+
+writes HumanEval's canonical solutions as completions (one {task_id, completion} row a problem, from
+data/humaneval/test.jsonl) and exits: the samples of the sandbox timing, `python eval.py humaneval
+--samples=canonical.jsonl --sandbox=bwrap` (then --sandbox=guards), which should score pass@1 1.0.
 """
+import json
 import os
 import sys
 import time
@@ -19,8 +26,20 @@ import nca_gpt  # noqa: E402
 SHAPES = {'tiny': (2, 2, 64), 'small': (12, 12, 768), 'paper': (24, 32, 2048)}
 
 
+def write_canonical(out, data_dir):
+    src = os.path.join(data_dir, 'humaneval', 'test.jsonl')
+    if not os.path.exists(src):
+        sys.exit(f"no {src}: run `python prepare_data.py humaneval` first")
+    rows = [json.loads(line) for line in open(src) if line.strip()]
+    with open(out, 'w') as f:
+        f.writelines(json.dumps(dict(task_id=r['task_id'], completion=r['canonical_solution'])) + '\n' for r in rows)
+    print(f"wrote {out}: the canonical solutions of {len(rows)} problems")
+
+
 def main():
     opts = dict(a[2:].split('=', 1) for a in sys.argv[1:])
+    if 'canonical' in opts:
+        return write_canonical(opts['canonical'], opts.get('data_dir', 'data'))
     shape, B = opts.get('shape', 'small'), int(opts.get('batch', 64))
     n_prompt, n_new = int(opts.get('prompt', 150)), int(opts.get('new', 100))
     ev.device = 'cuda' if torch.cuda.is_available() else 'cpu'

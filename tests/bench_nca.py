@@ -5,10 +5,10 @@
 Prints tokens/s of generation + tokenisation of 1024-token sequences and rules/s of the gzip filter, on
 the CPU (all its threads; `taskset -c 0` for one core) and on CUDA when present: the best of `repeats`
 timed calls after a warm-up, as the machine may be shared. Against the authors' JAX generator, measured
-side by side in one run (both on one pinned core, JAX's compile time taken out): `bash ../shared/peer/speed.sh`
-from the project's root. On the 2-core dev machine, 2026-11-28, 3 runs on the final code: generation + tokenisation 9.4-10.4x
+side by side in one run (both on one pinned core, JAX's compile time taken out): `bash tests/bench_vs_authors.sh
+PATH_TO_AUTHORS_CLONE`. On the 2-core dev machine, 2026-11-28, 3 runs on the final code: generation + tokenisation 9.4-10.4x
 the authors' (1.96-2.45M vs 207-261k tokens/s), the filter 9.2-10.3x (3,334-3,579 vs 347-383 rules/s); unpinned
-(NCA_SPEED_CPUS=, both sides then use both cores) 8.9x and 9.0x (docs/speed.md).
+(speed.sh unpinned; bench_vs_authors.sh --cpus=: both sides then use both cores) 8.9x and 9.0x (docs/speed.md).
 """
 import os
 import sys

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
             if 'slow' in item.keywords:
                 item.add_marker(pytest.mark.skip(reason='slow: run with `python -m pytest -q tests --slow`'))
 
-# offline, tiktoken cannot download GPT-2's ranks: use ../shared/tiktoken-cache when it is there (README: Installing)
-_cache = os.path.join(ROOT, '..', 'shared', 'tiktoken-cache')
-if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(_cache):
-    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(_cache)
+# offline, tiktoken cannot download GPT-2's ranks: point TIKTOKEN_CACHE_DIR (tiktoken's own variable) or
+# NCA_TIKTOKEN_CACHE at a folder that holds them (README: Installing)
+if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.environ.get('NCA_TIKTOKEN_CACHE'):
+    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(os.environ['NCA_TIKTOKEN_CACHE'])

@@ -1,5 +1,6 @@
 """A local HTTP server for the download tests: serves files from a dict on 127.0.0.1, honours Range, and can
-fail on purpose: cut a response short, answer 500, or 404 what it does not have. Bounded: it serves only the
+fail on purpose: cut a response short, answer 500 or 429, ignore Range ('norange': the whole file, 200), or 404
+what it does not have. Bounded: it serves only the
 requests the tests make and stops with them."""
 import http.server
 import threading
@@ -8,7 +9,7 @@ import threading
 class FixtureServer:
     def __init__(self):
         self.files = {}       # path -> bytes (or a callable(query) -> (bytes, headers) for APIs)
-        self.faults = {}      # path -> list of 'cut' / '500', consumed one per request
+        self.faults = {}      # path -> list of 'cut' / '500' / '429' / 'norange', consumed one per request
         self.log = []         # (path, Range header) of every request
         server = self
 
@@ -17,15 +18,15 @@ class FixtureServer:
                 path, _, query = self.path.partition('?')
                 server.log.append((path, self.headers.get('Range')))
                 fault = server.faults.get(path, []).pop(0) if server.faults.get(path) else None
-                if fault == '500':
-                    return self.send_error(500)
+                if fault in ('500', '429'):
+                    return self.send_error(int(fault))
                 if path not in server.files:
                     return self.send_error(404)
                 body, headers = server.files[path], {}
                 if callable(body):
                     body, headers = body(query)
                 start = 0
-                if self.headers.get('Range'):
+                if self.headers.get('Range') and fault != 'norange':
                     start = int(self.headers['Range'].split('=')[1].split('-')[0])
                     if start >= len(body):
                         return self.send_error(416)

@@ -29,8 +29,11 @@ sys.path.insert(0, ROOT)
 import eval as ev  # noqa: E402
 import nca_gpt  # noqa: E402
 
-for _cache in (os.path.join(ROOT, 'shared', 'tiktoken-cache'), os.path.join(ROOT, '..', 'shared', 'tiktoken-cache')):
-    if os.path.isdir(_cache):  # GPT-2's ranks for tiktoken offline, where the tests find them (see conftest.py)
+# GPT-2's ranks for tiktoken offline: TIKTOKEN_CACHE_DIR or NCA_TIKTOKEN_CACHE as the tests read them (conftest.py);
+# else a shared/tiktoken-cache in or beside the checkout, where a GPU machine's copy of the tree may carry one
+for _cache in (os.environ.get('NCA_TIKTOKEN_CACHE'), os.path.join(ROOT, 'shared', 'tiktoken-cache'),
+               os.path.join(ROOT, '..', 'shared', 'tiktoken-cache')):
+    if _cache and os.path.isdir(_cache):
         os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.abspath(_cache))
 DEFAULTS = {k: getattr(nca_gpt, k) for k in nca_gpt.config_keys}  # configure() layers on what is there: reset first
 DRY = '--dry_run' in sys.argv

@@ -4,8 +4,9 @@
 # the loss of a short run), a resume, the estimated time of the main job, HumanEval sampling time. Writes one JSON.
 #   bash tests/gpu_check.sh [--out=gpu_check.json] [--dry_run]
 # --dry_run: tiny shapes on any device (the CPU in CI, about a minute): proves the script runs, measures nothing.
+# PYTHON: the interpreter to run it with (default: python, e.g. from the project's venv, activated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
-exec python tests/gpu_check.py "$@"
+exec "${PYTHON:-python}" tests/gpu_check.py "$@"

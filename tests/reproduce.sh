@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's comparison at laptop scale (README, "Reproduction"): stage 1 on NCA data (the paper's generator:
+# The paper's comparison at laptop scale (docs/study.md): stage 1 on NCA data (the paper's generator:
 # 10 states, band 0.5-1.0), on its controls (the same NCA tokens shuffled within each sequence; Dyck; the
 # authors' loss, START/END predicted), then stage 2 on the Python standard library as bytes, against scratch,
 # under two stage-2 recipes; then `eval.py compare`. Every run is one command line below: read them.

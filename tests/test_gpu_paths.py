@@ -1,6 +1,7 @@
 """What a GPU run switches on, exercised on the CPU before any GPU does: torch.compile, bf16 autocast, the loop's
 CUDA-only branches (fused AdamW, MFU), the presets' shapes, the memory estimate, and tests/gpu_check.sh's dry run.
-Two tests take minutes and run only with `python -m pytest -q tests --slow`."""
+Two tests take minutes and run only with `python -m pytest -q tests --slow` (a shorter update of the small preset
+runs without it)."""
 import json
 import math
 import os
@@ -140,12 +141,28 @@ def test_a_run_that_cannot_fit_is_refused(tmp_path, monkeypatch, nca):
     p = run(*FAST, '--stage=dyck', '--batch_size=100000000', f'--out_dir={tmp_path}', check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'memory: about' in p.stdout
     assert 'GiB free: lower --batch_size (raise --gradient_accumulation_steps' in p.stderr, p.stderr
-    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (3 * 2**30, 80 * 2**30))  # (free, total)
-    assert nca.free_memory('cuda:0') == 3 * 2**30
+
+
+@pytest.mark.parametrize('free_gib,fits', [(1024, True), (0.001, False)])
+def test_a_gpus_free_memory_decides(tmp_path, monkeypatch, nca, capsys, free_gib, fits):
+    """On CUDA the free memory comes from mem_get_info (free, total): the run goes on, or is refused, by the free
+    bytes, not the total (80 GiB here either way). The CUDA branch of free_memory runs with only torch's call faked."""
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device: (int(free_gib * 2**30), 80 * 2**30))
+    cuda_free = nca.free_memory
+    monkeypatch.setattr(nca, 'free_memory', lambda device: cuda_free('cuda:0'))  # the rest of the run on the CPU
+    args = ['--stage=dyck', '--max_iters=1', '--eval_interval=1', f'--out_dir={tmp_path}']
+    if fits:
+        train(nca, *args)
+        assert '; 1024.0 GiB free' in capsys.readouterr().out and list(train_losses(tmp_path)) == [1]
+    else:
+        with pytest.raises(SystemExit, match=r'has 0\.0 GiB free: lower --batch_size'):
+            train(nca, *args)
+        assert not os.path.exists(tmp_path / 'ckpt.pt')
 
 
 def test_gpu_check_dry_run(tmp_path):
-    env = {**os.environ, 'TORCHINDUCTOR_COMPILE_THREADS': '1'}  # as the compile test: 2 cores, and its kernels cached
+    # as the compile test: 2 cores, and its kernels cached; the interpreter running the tests, venv activated or not
+    env = {**os.environ, 'TORCHINDUCTOR_COMPILE_THREADS': '1', 'PYTHON': sys.executable}
     p = subprocess.run(['bash', os.path.join(ROOT, 'tests', 'gpu_check.sh'), '--dry_run', f'--out={tmp_path / "r.json"}'],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -160,8 +177,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert (r['main_job']['tokens'], r['main_job']['epochs'], len(r['humaneval']['seconds_per_problem'])) == (163840000, 10, 3)
     if not torch.cuda.is_available():
         p = subprocess.run(['bash', os.path.join(ROOT, 'tests', 'gpu_check.sh')], capture_output=True, text=True,
-                           timeout=300, cwd=tmp_path)
+                           timeout=300, cwd=tmp_path, env=env)
         assert p.returncode != 0 and 'no GPU here' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+
+
+def test_small_preset_one_short_update_on_the_cpu(tmp_path):
+    """The small preset's model (12 layers, width 768) and optimiser, one update of one 256-token sequence, no
+    compile: the main job's code path in the default run (the full 1024-token update is the slow test below)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'nca_gpt.py'), '--stage=nca', '--preset=small', '--device=cpu',
+                        '--compile=false', '--batch_size=1', '--gradient_accumulation_steps=1', '--block_size=256',
+                        '--max_iters=1', '--eval_iters=1', '--log_interval=1', '--num_rules=64', '--num_val_rules=16',
+                        f'--out_dir={tmp_path}'], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'stage nca, preset small' in p.stdout and '128.70M parameters (113.27M without embedding and head)' in p.stdout
+    assert list(train_losses(tmp_path)) == [1] and math.isfinite(train_losses(tmp_path)[1])
 
 
 @pytest.mark.slow

@@ -1,0 +1,61 @@
+"""The scripts run by hand, checked where that needs neither JAX nor a long run: tests/bench_vs_authors.sh's
+arguments (and its shell and embedded Python parse), tests/bench_eval.py --canonical. Offline, seconds."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+BENCH = os.path.join(ROOT, 'tests', 'bench_vs_authors.sh')
+
+
+def bench(*args, env=None):
+    return subprocess.run(['bash', BENCH, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'PYTHON': sys.executable, **(env or {})})
+
+
+def test_bench_vs_authors_parses_and_says_how_to_use_it():
+    assert subprocess.run(['bash', '-n', BENCH]).returncode == 0
+    p = bench('--help')
+    assert p.returncode == 0 and 'bash tests/bench_vs_authors.sh PATH_TO_AUTHORS_CLONE' in p.stdout
+    # the Python it writes and runs (the authors' worker, the project's, the driver) at least compiles
+    script = open(BENCH).read()
+    blocks = re.findall(r"cat > \"\$work/(\w+\.py)\" <<'PY'\n(.*?)\nPY\n", script, re.S)
+    assert [name for name, _ in blocks] == ['authors.py', 'project.py', 'drive.py']
+    for name, code in blocks:
+        compile(code, name, 'exec')
+
+
+@pytest.mark.parametrize('args,message', [
+    ([], "give the path of a clone of the authors' repository"),
+    (['{tmp}'], 'utils/nca.py missing: not a clone of danihyunlee/nca-pre-pretraining'),
+    (['{tmp}', '--rounds=two'], None),
+    (['--fast', '{tmp}'], 'unknown option --fast'),
+])
+def test_bench_vs_authors_refuses_bad_arguments_before_any_work(tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if message is None:  # a clone's files there: only the count is wrong
+        (tmp_path / 'utils').mkdir()
+        (tmp_path / 'utils' / 'nca.py').write_text('')
+        (tmp_path / 'utils' / 'tokenizers.py').write_text('')
+        message = '--rounds and --rules are counts'
+    p = bench(*args, env={'NCA_AUTHORS_VENV': str(tmp_path / 'no-venv')})
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert not (tmp_path / 'no-venv').exists()  # refused before making the venv
+
+
+def test_bench_eval_writes_the_canonical_solutions(tmp_path):
+    problems = [dict(task_id=f'HumanEval/{i}', prompt=f'def f{i}(a):\n', canonical_solution=f'    return a + {i}\n',
+                     test='def check(f):\n    pass\n', entry_point=f'f{i}') for i in range(3)]
+    (tmp_path / 'humaneval').mkdir()
+    (tmp_path / 'humaneval' / 'test.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in problems))
+    out = tmp_path / 'canonical.jsonl'
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'bench_eval.py'), f'--canonical={out}',
+                        f'--data_dir={tmp_path}'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [dict(task_id=r['task_id'], completion=r['canonical_solution']) for r in problems]
