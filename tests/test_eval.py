@@ -430,7 +430,7 @@ def test_induction_probe_sees_a_copying_model_and_not_a_fresh_one(nca):
     assert nca.in_context_scores(late, torch.zeros(127))['icl'] == pytest.approx(-1.0)
 
 
-def test_icl_at_start_rebuilds_step_0_and_shuffled_stage1_is_scored_unshuffled(tmp_path, lm_data):
+def test_icl_at_start_rebuilds_step_0_and_shuffled_stage1_is_scored_unshuffled(nca, tmp_path, lm_data):
     for arm, shuffle in (('nca', 'false'), ('shuffled', 'true')):
         run(*FAST, '--stage=nca', '--max_iters=1', '--eval_interval=1', f'--nca_shuffle={shuffle}', f'--out_dir={tmp_path / arm}')
     ev.device = 'cpu'

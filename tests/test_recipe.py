@@ -188,3 +188,16 @@ def test_a_recipe_on_the_cpu_trains_in_float32(nca):
     assert nca.dtype == '' and nca.clip_sum is True
     nca.configure(['--stage=lm', '--recipe=authors', '--device=cpu', '--clip_sum=false', '--emb_init=normal'])
     assert (nca.clip_sum, nca.emb_init) == (False, 'normal')  # each item can be switched back on its own
+
+
+def test_authors_recipe_lm_resumes_bit_exactly(tmp_path, lm_data):
+    run(*FAST, '--stage=nca', '--recipe=authors', '--pad_vocab=64', '--max_iters=1', '--eval_interval=1',
+        f'--out_dir={tmp_path / "s1"}')
+    args = [*FAST, '--stage=lm', '--recipe=authors', '--dataset=toy', f'--data_dir={lm_data}', '--block_size=64',
+            '--gradient_accumulation_steps=2', '--eval_interval=2', '--warmup_iters=2', '--lr_decay_iters=6',
+            f'--init_from={tmp_path / "s1"}']  # dropout, the summed clipping, decay on every parameter
+    run(*args, '--max_iters=6', f'--out_dir={tmp_path / "straight"}')
+    run(*args, '--max_iters=3', f'--out_dir={tmp_path / "split"}')
+    run(*args, '--max_iters=6', f'--out_dir={tmp_path / "split"}', '--init_from=resume')
+    straight, split = train_losses(tmp_path / 'straight'), train_losses(tmp_path / 'split')
+    assert len(straight) == 6 and straight == split
