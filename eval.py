@@ -807,7 +807,8 @@ def eval_icl(_):
         torch.manual_seed(config['seed'])
         model = GPT(**checkpoint['model_args'])
         if config['init_from'] not in ('scratch', 'resume'):
-            nca_gpt.transfer(model, nca_gpt.load_checkpoint(config['init_from']), same_vocab=False, keep=config['keep_embeddings'])
+            source = nca_gpt.load_checkpoint(config['init_from'])
+            nca_gpt.transfer(model, source, same_vocab=source['vocab'] == checkpoint['vocab'], keep=config['keep_embeddings'])
         model.to(device)
     stats = nca_gpt.evaluate(model, autocast())
     step = 0 if at_start else checkpoint['iter_num']
