@@ -950,6 +950,8 @@ def eval_compare(_):
         if all(probes):
             table[a]['probe'] = {f"{k}_{when}": float(np.mean([p[i][k] for p in probes]))
                                  for k in ('icl', 'induction') for when, i in (('start', 0), ('end', -1))}
+            table[a]['probe_by_step'] = {k: {r['step']: float(np.mean([p[i][k] for p in probes])) for i, r in enumerate(probes[0])}
+                                         for k in ('icl', 'induction')}  # the seeds' mean at every evaluation
     print(f"{'arm':<16} {'seeds':>5} {'final val loss':>17} {'ppl':>8} {'vs ' + base:>12} {'gap/sd':>7} {'speed-up':>9}")
     for a, r in table.items():
         sd = f" +- {r['final_loss_std']:.4f}" if r['final_loss_std'] is not None else ' ' * 9
