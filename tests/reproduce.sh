@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The paper's comparison at laptop scale (docs/study.md): stage 1 on NCA data (the paper's generator:
+# The paper's comparison at laptop scale (docs/comparisons.md): stage 1 on NCA data (the paper's generator:
 # 10 states, band 0.5-1.0), on its controls (the same NCA tokens shuffled within each sequence; Dyck; the
 # authors' loss, START/END predicted), then stage 2 on the Python standard library as bytes, against scratch,
-# under two stage-2 recipes; then `eval.py compare`. Every run is one command line below: read them.
+# under two stage-2 schedules, A and B (both under --recipe=project); then `eval.py compare`. Every run is one
+# command line below: read them. The mechanism study, under both --recipe values: `bash tests/reproduce.sh study`
+# (tests/study.sh; docs/study.md).
 #
 #   bash tests/reproduce.sh              # everything, one run after another (about 3 h on one CPU core)
 #   bash tests/reproduce.sh --list       # only print the commands, in an order that respects dependencies
@@ -13,6 +15,7 @@
 # A finished run (out_dir/done) is skipped, so a killed reproduction continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "${1:-}" = study ] && exec bash tests/study.sh "${@:2}"
 OUT=${OUT:-out-repro}
 SEEDS=${SEEDS:-1 2 3}
 RECIPES=${RECIPES:-A B}
