@@ -749,13 +749,9 @@ def eval_watch(_, n_rules=3, n_summary=32):
     checkpoint = nca_gpt.load_checkpoint(path)
     if checkpoint['stage'] != 'nca':
         die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: watch draws the predictions of an nca one")
-    g = nca_gpt  # its NCA data, as the model was trained on it: held-out rules of the same settings and seed
-    for k in ('seed',) + NCA_DATA:
-        setattr(g, k, checkpoint['config'][k])
-    g.device, grid = device, g.grid
-    model = GPT(**checkpoint['model_args'])
-    model.load_state_dict(checkpoint['model'])
-    model.to(device).eval()
+    # its NCA data, as the model was trained on it (held-out rules of the same settings and seed), unshuffled
+    model = as_run(checkpoint, nca_shuffle=False).to(device).eval()
+    g, grid = nca_gpt, nca_gpt.grid
     x, _ = g.nca_batch('val', 0, n_summary)                              # (R, T): held-out rules
     L, V = g.frame_len(), g.n_states ** (g.patch * g.patch)
     n = x.size(1) // L                                                    # whole frames in the context
@@ -802,14 +798,13 @@ def eval_icl(_):
     if checkpoint['stage'] != 'lm':
         die(f"{path} is a checkpoint of --stage {checkpoint['stage']}: the probe reads an lm one")
     config = checkpoint['config']
-    model = as_run(checkpoint, eval_iters=batches)
-    if at_start:
+    if at_start:  # train()'s order: the seed, the model, the transfer, then the device
         torch.manual_seed(config['seed'])
-        model = GPT(**checkpoint['model_args'])
-        if config['init_from'] not in ('scratch', 'resume'):
-            source = nca_gpt.load_checkpoint(config['init_from'])
-            nca_gpt.transfer(model, source, same_vocab=source['vocab'] == checkpoint['vocab'], keep=config['keep_embeddings'])
-        model.to(device)
+    model = as_run(checkpoint, weights=not at_start, eval_iters=batches)
+    if at_start and config['init_from'] not in ('scratch', 'resume'):
+        source = nca_gpt.load_checkpoint(config['init_from'])
+        nca_gpt.transfer(model, source, same_vocab=source['vocab'] == checkpoint['vocab'], keep=config['keep_embeddings'])
+    model.to(device)
     stats = nca_gpt.evaluate(model, autocast())
     step = 0 if at_start else checkpoint['iter_num']
     print(f"{path}: step {step}{' (rebuilt)' if at_start else ''}, {batches} batches of "
@@ -863,8 +858,9 @@ def run_config(out_dir):
     return torch.load(path, map_location='cpu', mmap=True, weights_only=False)['config']
 
 
-def as_run(checkpoint, **changes):
-    """Set nca_gpt's config to a checkpoint's (and `changes`), as its run had it -> the checkpoint's model."""
+def as_run(checkpoint, weights=True, **changes):
+    """Set nca_gpt's config to a checkpoint's (and `changes`), as its run had it -> its model on the CPU, with the
+    checkpoint's weights or (weights=False) freshly initialised from torch's current random state."""
     g = nca_gpt
     for k, v in {**checkpoint['config'], **changes}.items():
         if k in g.config_keys:
@@ -872,8 +868,9 @@ def as_run(checkpoint, **changes):
     g.device, g.vocab = device, checkpoint['vocab']
     g._rule_sets.clear()
     model = GPT(**checkpoint['model_args'])
-    model.load_state_dict(checkpoint['model'])
-    return model.to(device)
+    if weights:
+        model.load_state_dict(checkpoint['model'])
+    return model
 
 
 def stage1_signal(out_dir):
@@ -886,7 +883,7 @@ def stage1_signal(out_dir):
         return json.load(open(cache))
     if checkpoint['stage'] != 'nca':
         return None
-    model = as_run(checkpoint, nca_shuffle=False)
+    model = as_run(checkpoint, nca_shuffle=False).to(device)
     stats = nca_gpt.evaluate(model, nullcontext())
     fl = stats['frame_loss']
     signal = dict(step=checkpoint['iter_num'], frame1_minus_last=fl[0] - fl[-1],
