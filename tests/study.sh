@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The mechanism study (docs/study.md): does what NCA teaches transfer, under the project's recipe and the authors'?
 # Stage 1 on NCA data and on its shuffled control, in two regimes; stage 2 = recipe B on pystdlib bytes; scratch
-# under each recipe; item ablations; width 256. `bash tests/reproduce.sh study` runs it (or this file directly).
+# under each recipe; item ablations; width 256; Dyck at regime b's tokens; regime b run long (1,000 updates).
+# `bash tests/reproduce.sh study` runs it (or this file directly).
 #
 #   bash tests/study.sh            # everything not yet done, JOBS runs at a time (one thread each), then the tables
 #   bash tests/study.sh --list     # only print the runs, in the order they are run (the most informative first)
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out-study}
 SEEDS=${SEEDS:-1 2 3 4}
-FEW=${FEW:-1 2}     # seeds of the ablations and of width 256
+FEW=${FEW:-1 2}     # seeds of the ablations, width 256, Dyck and the long stage 1
 JOBS=${JOBS:-2}
 PY=${PY:-python}
 # the model of both stages: the tiny preset's shape (2 layers, width 128, 4 heads)
@@ -27,6 +28,12 @@ S1A="$MODEL --stage=nca --block_size=256 --batch_size=8 --n_states=10 --gzip_low
      --learning_rate=1e-3 --stop_at_peak=true --eval_interval=50 --pad_vocab=64"
 S1B="$MODEL --stage=nca --block_size=512 --batch_size=4 --n_states=2 --gzip_lower=0.1 --gzip_upper=1.0 --max_iters=300 \
      --learning_rate=3e-3 --stop_at_peak=true --eval_interval=100 --pad_vocab=64"
+# the control data at regime b's tokens: Dyck (64 bracket types, depth 16) in the same 300 updates of 4 x 512. And
+# regime b run long: the tiny preset's own stage 1 (1,000 updates, warm-up 50, cosine 3e-3 -> 3e-4; authors: -> 0).
+S1D="$MODEL --stage=dyck --block_size=512 --batch_size=4 --max_iters=300 --learning_rate=3e-3 --stop_at_peak=true \
+     --eval_interval=100 --pad_vocab=64"
+S1L="$MODEL --stage=nca --block_size=512 --batch_size=4 --n_states=2 --gzip_lower=0.1 --gzip_upper=1.0 --max_iters=1000 \
+     --eval_interval=250 --pad_vocab=64"
 # stage 2: recipe B of tests/reproduce.sh (lr 1e-3 -> 1e-4, weight decay 0.1, 800 updates of 8 x 256 bytes)
 S2="$MODEL --stage=lm --dataset=pystdlib --block_size=256 --batch_size=8 --max_iters=800 --warmup_iters=80 \
     --lr_decay_iters=800 --learning_rate=1e-3 --min_lr=1e-4 --weight_decay=0.1 --eval_interval=50"
@@ -63,6 +70,14 @@ runs() {  # one line per run: out_dir|the stage-1 out_dir it starts from (or -)|
     echo "$OUT/w256-scratch-$r-s$s|-|$S2 $W256 --recipe=$r --seed=$s"
     echo "$OUT/w256-nca-$r-s$s|$OUT/w256-s1b-nca-$r-s$s|$S2 $W256 --recipe=$r --seed=$s"
   done; done
+  for s in $FEW; do for r in project authors; do
+    echo "$OUT/s1d-$r-s$s|-|$S1D --recipe=$r --seed=$s"
+    echo "$OUT/dyck-$r-s$s|$OUT/s1d-$r-s$s|$S2 --recipe=$r --seed=$s"
+    for a in nca shuffled; do
+      echo "$OUT/s1l-$a-$r-s$s|-|$S1L --recipe=$r --nca_shuffle=$([ $a = shuffled ] && echo true || echo false) --seed=$s"
+      echo "$OUT/long-$a-$r-s$s|$OUT/s1l-$a-$r-s$s|$S2 --recipe=$r --seed=$s"
+    done
+  done; done
 }
 
 one() {  # run one line of runs(), unless done; a stage-2 run waits for its stage 1
@@ -84,6 +99,8 @@ tables() {
     cells+=("b-$r|scratch=$OUT/scratch-$r-s*,nca=$OUT/b-nca-$r-s*,shuffled=$OUT/b-shuffled-$r-s*")
     cells+=("a-$r|scratch=$OUT/scratch-$r-s*,nca=$OUT/a-nca-$r-s*,shuffled=$OUT/a-shuffled-$r-s*")
     cells+=("w256-$r|scratch=$OUT/w256-scratch-$r-s*,nca=$OUT/w256-nca-$r-s*")
+    cells+=("dyck-$r|scratch=$OUT/scratch-$r-s[12],nca=$OUT/b-nca-$r-s[12],dyck=$OUT/dyck-$r-s*")
+    cells+=("long-$r|scratch=$OUT/scratch-$r-s[12],nca=$OUT/long-nca-$r-s*,shuffled=$OUT/long-shuffled-$r-s*")
   done
   cells+=("ablations|scratch=$OUT/scratch-project-s[12],nca=$OUT/b-nca-project-s[12],emb-scratch=$OUT/abl-emb-scratch-s*,emb-nca=$OUT/abl-emb-nca-s*,headbias-nca=$OUT/abl-headbias-nca-s*,unscaled-scratch=$OUT/abl-unscaled-scratch-s*,unscaled-nca=$OUT/abl-unscaled-nca-s*,optim-scratch=$OUT/abl-optim-scratch-s*,optim-nca=$OUT/abl-optim-nca-s*")
   cells+=("best|scratch-project=$OUT/scratch-project-s*,scratch-authors=$OUT/scratch-authors-s*,b-nca-project=$OUT/b-nca-project-s*,b-nca-authors=$OUT/b-nca-authors-s*,a-nca-project=$OUT/a-nca-project-s*,a-nca-authors=$OUT/a-nca-authors-s*")

@@ -59,3 +59,22 @@ def test_bench_eval_writes_the_canonical_solutions(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [dict(task_id=r['task_id'], completion=r['canonical_solution']) for r in problems]
+
+
+def test_study_lists_each_run_once_after_the_run_it_starts_from(nca):
+    """tests/study.sh --list: a stage-2 run waits for its stage 1, so with JOBS slots a stage 2 listed before its stage
+    1 could wait forever; every run's flags parse (a typo would fail only after an hour of the study)."""
+    p = subprocess.run(['bash', os.path.join(ROOT, 'tests', 'study.sh'), '--list'], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, 'OUT': 'o'})
+    assert p.returncode == 0, p.stderr
+    lines = [line.split('|') for line in p.stdout.splitlines()]
+    dirs = [d for d, _, _ in lines]
+    assert len(lines) > 100 and len(set(dirs)) == len(dirs)
+    defaults = {k: getattr(nca, k) for k in nca.config_keys}
+    for i, (out_dir, start, flags) in enumerate(lines):
+        assert start == '-' or start in dirs[:i], f'{out_dir} starts from {start}, not listed before it'
+        for k, v in defaults.items():
+            setattr(nca, k, v)
+        nca.configure(flags.split() + [f'--out_dir={out_dir}'])
+        stage_1 = start == '-' and 'scratch' not in out_dir
+        assert nca.stage == ('lm' if not stage_1 else 'dyck' if 's1d-' in out_dir else 'nca'), out_dir
