@@ -23,7 +23,7 @@ MODEL="--preset=tiny --n_layer=2 --n_head=4 --n_embd=128 --eval_iters=8"
 # stage 1, regime a: the paper's NCA data (10 states, band 0.5-1.0), 100 updates of 8 x 256, warm-up to 1e-3, stop
 # at the peak. Regime b: 2-state rules (band 0.1-1.0), 300 updates of 4 x 512, warm-up to 3e-3, stop at the peak: the
 # shortest run measured that shows the rule inferred in context (docs/study.md). The authors' 64,000-row stage-1
-# vocabulary is left out (--pad_vocab=64): on a CPU it would cost 6-1,000x the head.
+# vocabulary is left out (--pad_vocab=64): on a CPU it would cost 6-1,000x the head; one cell at the end has it.
 S1A="$MODEL --stage=nca --block_size=256 --batch_size=8 --n_states=10 --gzip_lower=0.5 --gzip_upper=1.0 --max_iters=100 \
      --learning_rate=1e-3 --stop_at_peak=true --eval_interval=50 --pad_vocab=64"
 S1B="$MODEL --stage=nca --block_size=512 --batch_size=4 --n_states=2 --gzip_lower=0.1 --gzip_upper=1.0 --max_iters=300 \
@@ -78,6 +78,10 @@ runs() {  # one line per run: out_dir|the stage-1 out_dir it starts from (or -)|
       echo "$OUT/long-$a-$r-s$s|$OUT/s1l-$a-$r-s$s|$S2 --recipe=$r --seed=$s"
     done
   done; done
+  for s in $FEW; do  # the one item of the authors' recipe the cells above leave out: the 64,000-row stage-1 head
+    echo "$OUT/s1b-nca-authors64k-s$s|-|$S1B --recipe=authors --pad_vocab=64000 --seed=$s"
+    echo "$OUT/b-nca-authors64k-s$s|$OUT/s1b-nca-authors64k-s$s|$S2 --recipe=authors --seed=$s"
+  done
 }
 
 one() {  # run one line of runs(), unless done; a stage-2 run waits for its stage 1
@@ -102,6 +106,7 @@ tables() {
     cells+=("dyck-$r|scratch=$OUT/scratch-$r-s[12],nca=$OUT/b-nca-$r-s[12],dyck=$OUT/dyck-$r-s*")
     cells+=("long-$r|scratch=$OUT/scratch-$r-s[12],nca=$OUT/long-nca-$r-s*,shuffled=$OUT/long-shuffled-$r-s*")
   done
+  cells+=("head64k|scratch=$OUT/scratch-authors-s[12],nca=$OUT/b-nca-authors-s[12],nca-64k=$OUT/b-nca-authors64k-s*")
   cells+=("ablations|scratch=$OUT/scratch-project-s[12],nca=$OUT/b-nca-project-s[12],emb-scratch=$OUT/abl-emb-scratch-s*,emb-nca=$OUT/abl-emb-nca-s*,headbias-nca=$OUT/abl-headbias-nca-s*,unscaled-scratch=$OUT/abl-unscaled-scratch-s*,unscaled-nca=$OUT/abl-unscaled-nca-s*,optim-scratch=$OUT/abl-optim-scratch-s*,optim-nca=$OUT/abl-optim-nca-s*")
   cells+=("best|scratch-project=$OUT/scratch-project-s*,scratch-authors=$OUT/scratch-authors-s*,b-nca-project=$OUT/b-nca-project-s*,b-nca-authors=$OUT/b-nca-authors-s*,a-nca-project=$OUT/a-nca-project-s*,a-nca-authors=$OUT/a-nca-authors-s*")
   for cell in "${cells[@]}"; do
