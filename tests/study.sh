@@ -78,10 +78,10 @@ runs() {  # one line per run: out_dir|the stage-1 out_dir it starts from (or -)|
       echo "$OUT/long-$a-$r-s$s|$OUT/s1l-$a-$r-s$s|$S2 --recipe=$r --seed=$s"
     done
   done; done
-  for s in $FEW; do  # the one item of the authors' recipe the cells above leave out: the 64,000-row stage-1 head
-    echo "$OUT/s1b-nca-authors64k-s$s|-|$S1B --recipe=authors --pad_vocab=64000 --seed=$s"
-    echo "$OUT/b-nca-authors64k-s$s|$OUT/s1b-nca-authors64k-s$s|$S2 --recipe=authors --seed=$s"
-  done
+  # the one item of the authors' recipe the cells above leave out: the 64,000-row stage-1 head (both stage 1s first,
+  # so that two run at once)
+  for s in $FEW; do echo "$OUT/s1b-nca-authors64k-s$s|-|$S1B --recipe=authors --pad_vocab=64000 --seed=$s"; done
+  for s in $FEW; do echo "$OUT/b-nca-authors64k-s$s|$OUT/s1b-nca-authors64k-s$s|$S2 --recipe=authors --seed=$s"; done
 }
 
 one() {  # run one line of runs(), unless done; a stage-2 run waits for its stage 1
