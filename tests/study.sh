@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out-study}
 SEEDS=${SEEDS:-1 2 3 4}
-FEW=${FEW:-1 2}     # seeds of the ablations, width 256, Dyck and the long stage 1
+FEW=${FEW:-1 2}     # seeds of the ablations, width 256, the long stage 1 and the 64,000-row head
 JOBS=${JOBS:-2}
 PY=${PY:-python}
 # the model of both stages: the tiny preset's shape (2 layers, width 128, 4 heads)
@@ -70,9 +70,11 @@ runs() {  # one line per run: out_dir|the stage-1 out_dir it starts from (or -)|
     echo "$OUT/w256-scratch-$r-s$s|-|$S2 $W256 --recipe=$r --seed=$s"
     echo "$OUT/w256-nca-$r-s$s|$OUT/w256-s1b-nca-$r-s$s|$S2 $W256 --recipe=$r --seed=$s"
   done; done
-  for s in $FEW; do for r in project authors; do
+  for s in $SEEDS; do for r in project authors; do
     echo "$OUT/s1d-$r-s$s|-|$S1D --recipe=$r --seed=$s"
     echo "$OUT/dyck-$r-s$s|$OUT/s1d-$r-s$s|$S2 --recipe=$r --seed=$s"
+  done; done
+  for s in $FEW; do for r in project authors; do
     for a in nca shuffled; do
       echo "$OUT/s1l-$a-$r-s$s|-|$S1L --recipe=$r --nca_shuffle=$([ $a = shuffled ] && echo true || echo false) --seed=$s"
       echo "$OUT/long-$a-$r-s$s|$OUT/s1l-$a-$r-s$s|$S2 --recipe=$r --seed=$s"
@@ -103,7 +105,7 @@ tables() {
     cells+=("b-$r|scratch=$OUT/scratch-$r-s*,nca=$OUT/b-nca-$r-s*,shuffled=$OUT/b-shuffled-$r-s*")
     cells+=("a-$r|scratch=$OUT/scratch-$r-s*,nca=$OUT/a-nca-$r-s*,shuffled=$OUT/a-shuffled-$r-s*")
     cells+=("w256-$r|scratch=$OUT/w256-scratch-$r-s*,nca=$OUT/w256-nca-$r-s*")
-    cells+=("dyck-$r|scratch=$OUT/scratch-$r-s[12],nca=$OUT/b-nca-$r-s[12],dyck=$OUT/dyck-$r-s*")
+    cells+=("dyck-$r|scratch=$OUT/scratch-$r-s*,nca=$OUT/b-nca-$r-s*,dyck=$OUT/dyck-$r-s*")
     cells+=("long-$r|scratch=$OUT/scratch-$r-s[12],nca=$OUT/long-nca-$r-s*,shuffled=$OUT/long-shuffled-$r-s*")
   done
   cells+=("head64k|scratch=$OUT/scratch-authors-s[12],nca=$OUT/b-nca-authors-s[12],nca-64k=$OUT/b-nca-authors64k-s*")
