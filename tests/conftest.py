@@ -14,6 +14,7 @@ def nca(monkeypatch):
     for k in nca_gpt.config_keys:
         monkeypatch.setattr(nca_gpt, k, getattr(nca_gpt, k))
     monkeypatch.setattr(nca_gpt, 'device', 'cpu')
+    monkeypatch.setattr(nca_gpt, 'schedule_shares', {})  # configure() sets it; run_length() applies it
     nca_gpt._rule_sets.clear()
     return nca_gpt
 
