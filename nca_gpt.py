@@ -1,22 +1,26 @@
 """
-NCA pre-pre-training in one file (Lee, Han, Kumar, Agrawal, arXiv 2603.10055).
+NCA pre-pre-training in one file (Lee, Han, Kumar, Agrawal, "Training Language Models via Neural Cellular
+Automata", arXiv 2603.10055). A GPT learns to predict the frames of random neural cellular automata, where
+every sequence has a hidden rule to infer in context; its transformer blocks then start a language model.
 
 Read it top to bottom:
-  1. the NCA data engine: random rule networks on a torus, the batched rollout, the 2x2 patch tokenizer
-     and its inverse, the gzip complexity filter, the training batches; the Dyck control; language batches
+  1. the NCA data: the rule network, its rollout, the 2x2 patch tokenizer, the gzip filter, the batches;
+     then the Dyck control and the language batches
   2. the GPT (Llama-style)
   3. the transfer: keep the blocks, re-initialise the embedding and the head
-  4. the training loop, one for every stage: nca | dyck -> lm -> sft
-  (eval.py nca draws automata and prints the filter's statistics; eval.py watch, a model predicting them)
+  4. training: one loop for every stage, nca | dyck -> lm -> sft
+  Appendix: presets and recipes, the command line and its checks, files, devices and memory.
+Not here: evaluation, plots and the NCA data's statistics (eval.py), downloads (prepare_data.py).
 
-Run:  python nca_gpt.py --stage nca                      (then --stage lm --init_from=out-nca, see README)
-      torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
+    python nca_gpt.py --stage nca                  # then --stage lm --init_from=out-nca (README)
+    torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
 """
 import functools
 import gzip
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,32 +32,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# config: module-level values, each overridable as --key=value or --key value
+# config: module-level values, each overridable as --key=value or --key value.
+# Resolved once (configure, in the appendix): defaults < preset < recipe < command line.
 stage = 'nca'           # nca | dyck | lm | sft
-preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise); see PRESETS below
+preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise): PRESETS, in the appendix
 out_dir = ''            # where checkpoints and log.jsonl go ('' = out-{stage})
-init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | path of a checkpoint of any stage to transfer from
+init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | a checkpoint of any stage to transfer from
 seed = 1337             # one seed gives the same rules, sequences and losses
-# I/O
-eval_interval = 250     # evaluate and checkpoint every this many steps
-eval_iters = 20         # batches per evaluation
-log_interval = 10       # print a line every this many steps
 # data: NCA (the defaults are the paper's, from its public code)
 grid = 12               # the torus is grid x grid cells
 n_states = 10           # each cell holds one of n_states colours
-patch = 2               # a patch x patch block of cells is one token: vocabulary n_states ** (patch * patch)
+rule_hidden1 = 4        # the rule network: 3x3 conv n_states -> rule_hidden1,
+rule_hidden2 = 16       #   then 1x1 -> rule_hidden2, ReLU, 1x1 -> n_states
+patch = 2               # a patch x patch block of cells is one token: n_states ** (patch * patch) of them
 temperature = 1e-4      # softmax temperature of the update; 0 means exact argmax
-identity_bias = 0.0     # added to the logit of a cell's current state (>0 makes rules lazier)
+identity_bias = 0.0     # added to the logit of a cell's current state (> 0 makes rules lazier)
 burn_in = 10            # steps simulated and dropped before the first frame
 gzip_lower = 0.5        # keep a rule when gzip_lower < ratio < gzip_upper: (0.5, 1.0) for web text
 gzip_upper = 1.0        #   and math, (0.3, 0.4) for code in the paper
 gzip_frames = 10        # frames after burn-in that the filter compresses
-band = ''               # 'auto': choose gzip_lower, gzip_upper from the gzip ratio of --dataset (docs/comparisons.md)
+band = ''               # 'auto': gzip_lower, gzip_upper from the gzip ratio of --dataset (docs/comparisons.md)
 num_rules = 16000       # training rules per epoch (eval.py nca: candidate rules to analyse)
 num_val_rules = 2000    # held-out rules, never trained on
 rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run (the authors' code)
-nca_loss = 'patches'    # patches: START/END out of the loss | all: START/END predicted too (the authors' code)
-nca_shuffle = False     # control: permute each sequence's patch tokens (same tokens, no dynamics to learn)
+nca_loss = 'patches'    # patches: START/END out of the loss | all: predicted too (the authors' code)
+nca_shuffle = False     # control: permute each sequence's patch tokens (the same tokens, no dynamics)
 # data: Dyck control
 dyck_k = 64             # bracket types: vocabulary 2 * dyck_k
 dyck_depth = 16         # maximum nesting depth
@@ -67,13 +70,15 @@ n_head = 12
 n_embd = 768
 block_size = 1024       # context length; NCA and Dyck sequences are this long
 dropout = 0.0           # attention dropout (the paper: 0.1)
-# the recipe: project | authors (every item below as the authors' code has it: RECIPES); each its own flag too
+# the recipe: project | authors (RECIPES, in the appendix, sets the items below as the authors' code
+# has them)
 recipe = 'project'
 emb_init = 'normal'     # fresh embedding and head: normal N(0, 0.02) | torch: torch's defaults (the authors' stage 2)
-head_bias = False       # the head has a bias, head and bias at torch's init U(+-1/sqrt(n_embd)) (the authors' stage 1)
-scale_residual = True   # the projections into the residual stream at N(0, 0.02/sqrt(2 n_layer)) (GPT-2); False: 0.02
-pad_vocab = 64          # embedding and head rows: the vocabulary rounded up to a multiple (the authors: 64000, then 1)
-# transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head re-initialised
+head_bias = False       # the head has a bias, at torch's init U(+-1/sqrt(n_embd)) (the authors' stage 1)
+scale_residual = True   # residual projections at N(0, 0.02 / sqrt(2 n_layer)) (GPT-2); False: 0.02
+pad_vocab = 64          # embedding and head rows: the vocabulary rounded up to a multiple (the authors: 64000, 1)
+# transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head
+# re-initialised
 reinit = ''             # also re-initialise parts: e.g. 'attn', 'mlp:0-11', 'attn:12-23,norm'
 freeze = ''             # parts to keep fixed, same syntax; 'emb' and 'head' too
 keep_embeddings = False # keep embedding and head when the vocabulary is the same (the C4 "no re-init" control)
@@ -89,75 +94,167 @@ warmup_iters = 5000     # linear warm-up
 lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters)
 stop_at_peak = False    # the paper's stage 1: warm up over the whole run and stop at the peak lr (no decay)
 weight_decay = 0.0
-decay_all = False       # weight decay on every parameter, norms too (the authors' AdamW); False: on matrices only
+decay_all = False       # weight decay on every parameter, norms too (the authors' AdamW); False: matrices only
 beta1 = 0.9
 beta2 = 0.999           # torch's Adam default, as the paper's code (nanoGPT: 0.95, which the small presets use)
 grad_clip = 1.0         # 0 disables
-clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean (the authors' stage 2: a micro-step's
-                        #   loss is not divided by their number; under Adam only clipping and eps see the difference)
-warmup_zero = False     # the warm-up starts at lr 0 (the authors' LambdaLR); False: at lr / (warmup_iters + 1) (get_lr)
+clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean (the authors' stage 2)
+warmup_zero = False     # the warm-up starts at lr 0 (the authors' LambdaLR); False: at lr / (warmup_iters + 1)
+# I/O
+eval_interval = 250     # evaluate and checkpoint every this many steps
+eval_iters = 20         # batches per evaluation
+log_interval = 10       # print a line every this many steps
 # system
 device = ''             # '' picks cuda, then mps, then cpu
 dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
 compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-
-# Presets set many values at once: defaults < preset ('all', then the stage's) < the command line.
-PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4, weight_decay=1e-4, min_lr=0.0,
-                max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
-FINETUNE = dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0, lr_decay_iters=0)
-PRESETS = {
-    # any CPU, a few minutes, every stage. Not the paper's NCA data: 2 states show in-context learning in minutes
-    'tiny': {'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
-                         learning_rate=3e-3, min_lr=3e-4, beta2=0.95, max_iters=300, warmup_iters=30, lr_decay_iters=300,
-                         eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000, num_val_rules=200),
-             'nca': dict(n_states=2, gzip_lower=0.1, block_size=512, batch_size=4, max_iters=1000, warmup_iters=50,
-                         lr_decay_iters=1000, eval_interval=250, eval_iters=8, log_interval=50),
-             'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
-    # one GPU: GPT-2 small's depth and width (113M parameters without embedding and head) on the paper's 164M NCA tokens
-    'small': {'all': dict(n_layer=12, n_head=12, n_embd=768, beta2=0.95, compile=True, eval_interval=500),
-              'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
-              'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
-              'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4, weight_decay=1e-4,
-                         max_iters=5000, warmup_iters=500, lr_decay_iters=5000, min_lr=6e-5),
-              'sft': FINETUNE},
-    # the paper: 1.6B parameters; NCA: Adam 1e-4, 32 x 1024 tokens, 5,000 updates, stop at the end of warm-up
-    'paper': {'all': dict(n_layer=24, n_head=32, n_embd=2048, recipe='authors', compile=True, eval_interval=500),
-              'nca': dict(stop_at_peak=True), 'dyck': dict(stop_at_peak=True),
-              'lm': PAPER_LM, 'sft': FINETUNE},
-}
-# Recipes, applied after the preset: --recipe=authors trains as the authors' code (commit bdd1c71) does, stage by
-# stage: utils/models.py (HF's Llama init, N(0, 0.02), no residual scaling; the stage-1 head nn.Linear(d, 64000)
-# with a bias; stage 2's new nn.Embedding / nn.Linear at torch's defaults), src/nca_ppt.py (Adam, no clipping),
-# src/openwebtext_pt.py (AdamW on every parameter, the summed micro-step losses clipped at 1.0, fp16), utils/util.py
-# (warm-up from 0, cosine to 0), models.py's attention_dropout=0.1. The command line still wins over each value.
-AUTHORS_STAGE1 = dict(head_bias=True, pad_vocab=64000, grad_clip=0.0, weight_decay=0.0, nca_loss='all', rule_resample=0)
-AUTHORS_STAGE2 = dict(emb_init='torch', pad_vocab=1, clip_sum=True, grad_clip=1.0, weight_decay=1e-4, dtype='float16')
-RECIPES = {
-    'project': {},
-    'authors': {'all': dict(beta2=0.999, dropout=0.1, scale_residual=False, decay_all=True, warmup_zero=True, min_lr=0.0),
-                'nca': AUTHORS_STAGE1, 'dyck': AUTHORS_STAGE1, 'lm': AUTHORS_STAGE2, 'sft': AUTHORS_STAGE2},
-}
-CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'], 'recipe': list(RECIPES),
-           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto'],
-           'emb_init': ['normal', 'torch']}
-SCRIPT = 'nca_gpt.py'  # what this script's errors start with (die); eval.py, running its NCA checks, sets its own name
-schedule_shares = {}  # configure(): warm-up and decay as shares of the preset's length, where not given
-progress = {}         # train(): the step reached and the last checkpoint's, for the message on Ctrl-C
 # -----------------------------------------------------------------------------
 
-# ==== 1. The NCA data engine =================================================
-# Every random number is a pure function of (seed, what it is for, which sequence or rule) by a counter-based hash,
-# not a stateful generator: sequence i is the same whatever the batch size, GPUs, device, or where a run resumed.
 
+# ==== 1. The NCA data ========================================================
+# --- the rule network --------------------------------------------------------
+# A rule is a tiny conv-MLP with random, never-trained weights. It reads a cell's 3x3 neighbourhood
+# of one-hot states on the torus and gives logits for the cell's next state, drawn at a low
+# temperature. Every cell updates at every step (Growing NCA updates a random half; here there is no
+# fire rate).
+
+def rule_shapes(n):
+    """The rule network's three kernels (out, in, ...) for n states; the paper's biases start at 0 and stay there."""
+    return [(rule_hidden1, n, 3, 3), (rule_hidden2, rule_hidden1), (n, rule_hidden2)]
+
+
+def sample_rules(keys, n):
+    """keys (R,) -> rules (R, P), each row the flattened weights of one rule (P = 584 for 10 states).
+    The kernels are Flax's lecun normal: a normal truncated at 2 std, variance 1 / fan-in."""
+    if len(keys) > 256:  # in pieces that stay in cache: 3x faster for 2,048 rules
+        pieces = [sample_rules(keys[i:i + 256], n) for i in range(0, len(keys), 256)]
+        return torch.cat(pieces)
+    shapes = rule_shapes(n)
+    sizes = [math.prod(s) for s in shapes]
+    u = uniform(keys, sum(sizes))
+    # the truncated normal by its inverse CDF
+    lo = 0.5 * math.erfc(2 / math.sqrt(2))
+    hi = 0.5 * math.erfc(-2 / math.sqrt(2))
+    z = torch.special.ndtri(lo + u * (hi - lo))
+    fan_in = [torch.full((size,), math.prod(s[1:]), device=keys.device) for s, size in zip(shapes, sizes)]
+    # Flax divides the std by the std of a normal truncated at 2 (0.8796...)
+    return z * (1.0 / torch.cat(fan_in)).sqrt() / 0.87962566103423978
+
+
+def unpack_rules(rules, n):
+    """rules (R, P) -> the kernels conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16): views, not copies."""
+    shapes = rule_shapes(n)
+    parts = rules.split([math.prod(s) for s in shapes], dim=1)
+    return [p.view(-1, *s) for p, s in zip(parts, shapes)]
+
+
+def per_rule_conv(x, kernel):
+    """x (R, in, H, W), kernel (R, out, in, k, k) -> (R, out, H - k + 1, W - k + 1): rule r's kernel on grid r."""
+    R = x.size(0)
+    y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), kernel.flatten(0, 1), groups=R)
+    return y.view(R, kernel.size(1), *y.shape[2:])
+
+
+def draw_next(logits, state, u, temperature, identity_bias):
+    """logits (R, n, C) of each cell's next state, state (R, C) -> (R, C): the tempered draw, softmax(logits / T)
+    sampled by inverse CDF with the uniforms u (R, C); T = 0 is the argmax (the first of tied states)."""
+    if identity_bias:
+        logits = logits + identity_bias * F.one_hot(state.long(), logits.size(1)).transpose(1, 2)
+    if temperature == 0:
+        return logits.max(1).indices
+    # unnormalised (categorical scales u by the total) and in place; the clamp keeps exp out of the
+    # slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
+    weights = logits.sub_(logits.amax(1, keepdim=True)).div_(temperature).clamp_min_(-80).exp_()
+    return categorical(weights, u, dim=1)
+
+
+def nca_step(state, kernels, u, temperature, identity_bias):
+    """One step of R automata, each under its own rule, written as the network it is.
+    state (R, S, S) long, kernels from unpack_rules, u (R, S*S) uniforms -> the next state (R, S, S)."""
+    conv1, conv2, conv3 = kernels
+    R, S, _ = state.shape
+    x = F.one_hot(state, conv3.size(1)).permute(0, 3, 1, 2).float()   # (R, n, S, S) one-hot states
+    x = F.pad(x, (1, 1, 1, 1), mode='circular')                     # (R, n, S+2, S+2): the torus
+    h = per_rule_conv(x, conv1)                                      # (R, 4, S, S) 3x3 conv
+    h = per_rule_conv(h, conv2[..., None, None]).relu()              # (R, 16, S, S) 1x1 conv, ReLU
+    logits = per_rule_conv(h, conv3[..., None, None])                # (R, n, S, S) 1x1 conv
+    return draw_next(logits.flatten(2), state.view(R, -1), u, temperature, identity_bias).view(R, S, S)
+
+
+@torch.no_grad()
+def rollout_plain(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
+    """The rollout as the network is written: grid0 (R, S, S) long, keys (R,) for the sampling noise
+    -> (R, n_steps + 1, S, S), the initial grid then the state after each step. Step t draws cell c with
+    counter t * S*S + c of its key. `rollout` below computes the same states faster; training uses that one."""
+    R, S, _ = grid0.shape
+    if temperature:
+        us = uniform(keys, n_steps * S * S).view(R, n_steps, S * S)
+    states = [grid0]
+    for t in range(n_steps):
+        u = us[:, t] if temperature else None
+        states.append(nca_step(states[-1], kernels, u, temperature, identity_bias))
+    return torch.stack(states, 1)
+
+
+# --- the same rollout, made fast ---------------------------------------------
+# The 3x3 conv and the first 1x1 conv have nothing between them, so they are one linear map; and its
+# input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16
+# values, summed over the 9 neighbours. One index_select and one embedding_bag a step advance all R
+# rules at once (docs/speed.md: ~3x the plain rollout on a CPU). Its states equal rollout_plain's
+# (tests/test_nca.py holds them on thousands of rules).
+
+@functools.lru_cache(maxsize=8)
+def torus_neighbours(size, device):
+    """(9, size*size): the flat index of each cell's 3x3 neighbourhood on the torus, in conv kernel order."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
+    nbrs = [((y + dy) % size) * size + (x + dx) % size for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return torch.stack(nbrs).view(9, -1).to(device)
+
+
+@torch.no_grad()
+def rollout(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
+    """rollout_plain's states, computed with the lookup table. The same arguments and result."""
+    conv1, conv2, conv3 = kernels
+    R, S, _ = grid0.shape
+    C, n, hidden, dev = S * S, conv3.size(1), conv2.size(1), grid0.device
+    table = torch.einsum('rcsij,roc->rijso', conv1, conv2).reshape(R * 9 * n, hidden)  # rule, neighbour, state
+    # cell c's 9 rows: r*9n + k*n + (the state of its neighbour k), read by one index_select
+    # of the (R, 9, C) grid of states + r*9n + k*n
+    rule_and_neighbour = torch.arange(R, device=dev).view(R, 1, 1) * 9 + torch.arange(9, device=dev).view(1, 9, 1)
+    first_row = rule_and_neighbour.int() * n                                            # (R, 9, 1)
+    take = (torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
+    take = (take + torus_neighbours(S, dev).t()).flatten()                              # (R*C*9,)
+    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)                 # 9 rows a cell
+    if temperature:
+        us = uniform(keys, n_steps * C).view(R, n_steps, C)
+    states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
+    states[:, 0] = grid0.reshape(R, C)
+    for t in range(n_steps):
+        state = states[:, t]
+        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
+        h = F.embedding_bag(rows, table, bags, mode='sum').relu_().view(R, C, hidden)
+        # (R, n, C): the states on the middle axis, so that ops over them run along rows of cells
+        # (3-6x faster)
+        logits = torch.bmm(conv3, h.transpose(1, 2))
+        u = us[:, t] if temperature else None
+        states[:, t + 1] = draw_next(logits, state, u, temperature, identity_bias)
+    return states.long().view(R, n_steps + 1, S, S)
+
+
+# --- random numbers: a hash of (seed, purpose, index) ---------------------------
+# Every random number of the data is a pure function of (seed, what it is for, which rule or
+# sequence), by a counter-based hash, not a stateful generator: sequence i is the same whatever the
+# batch size, the number of GPUs, the device, or where a run resumed. make_key names a stream;
+# uniform and randint draw from it.
 MASK32 = 0xFFFFFFFF
-RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE, REPEAT = range(1, 11)  # streams: what they are for
+RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE, REPEAT = range(1, 11)  # the purposes
 SPLITS = {'train': 0, 'val': 1}
 
 
 def mix32(x):
-    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never overflow). After the first
-    operation, a tensor is hashed in place: big int64 temporaries would cost more than the arithmetic."""
+    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never overflow). After the
+    first operation a tensor is hashed in place: big int64 temporaries would cost more than the arithmetic."""
     x = x ^ (x >> 16)
     for _ in range(2):
         x *= 0x45d9f3b
@@ -198,93 +295,22 @@ def categorical(probs, u, dim=-1):
     return (cdf < u.unsqueeze(dim) * cdf.narrow(dim, -1, 1)).sum(dim)
 
 
-# --- the rule network ---------------------------------------------------------
-# The paper's rule (Flax): wrap-pad by 1, conv 3x3 n->4, conv 1x1 4->16, ReLU, conv 1x1 16->n logits. Kernels are
-# lecun normal (truncated, variance 1/fan_in); the 30 biases start at zero and are never trained: left out, 584 weights.
-HIDDEN1, HIDDEN2 = 4, 16
-
-
-def rule_shapes(n):
-    return [(HIDDEN1, n, 3, 3), (HIDDEN2, HIDDEN1), (n, HIDDEN2)]  # conv1, conv2, conv3 (out, in, ...)
-
-
-def sample_rules(keys, n):
-    """keys (R,) -> rules (R, P): each row the flattened weights of one rule."""
-    if len(keys) > 256:  # in pieces that stay in cache: 3x faster for 2,048 rules
-        return torch.cat([sample_rules(keys[i:i + 256], n) for i in range(0, len(keys), 256)])
-    shapes = rule_shapes(n)
-    sizes = [math.prod(s) for s in shapes]
-    u = uniform(keys, sum(sizes))
-    # truncated normal on [-2, 2] by inverse CDF; Flax divides the std by the std of that truncation
-    lo, hi = 0.5 * math.erfc(2 / math.sqrt(2)), 0.5 * math.erfc(-2 / math.sqrt(2))
-    z = torch.special.ndtri(lo + u * (hi - lo))
-    fan_in = torch.cat([torch.full((size,), math.prod(s[1:]), device=keys.device) for s, size in zip(shapes, sizes)])
-    return z * (1.0 / fan_in).sqrt() / 0.87962566103423978
-
-
-def unpack_rules(rules, n):
-    """rules (R, P) -> conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16)"""
-    shapes = rule_shapes(n)
-    parts = rules.split([math.prod(s) for s in shapes], dim=1)
-    return [p.view(-1, *s) for p, s in zip(parts, shapes)]
-
-
 def initial_grids(keys, n, size):
-    """keys (R,) -> (R, size, size) long: per trajectory, colour logits ~ N(0, 1), then i.i.d. cells."""
+    """keys (R,) -> (R, size, size) long: per grid, colour logits ~ N(0, 1), then i.i.d. cells."""
     u = uniform(keys, n + size * size)
-    probs = torch.softmax(torch.special.ndtri(u[:, :n]), dim=-1)             # (R, n)
-    cdf = probs.cumsum(-1)  # categorical() for size*size draws from each grid's one distribution:
-    cells = torch.searchsorted(cdf, u[:, n:] * cdf[:, -1:]).clamp_max(n - 1)          # (R, size*size)
+    probs = torch.softmax(torch.special.ndtri(u[:, :n]), dim=-1)                  # (R, n)
+    cdf = probs.cumsum(-1)  # categorical() for size*size draws from each grid's one distribution
+    cells = torch.searchsorted(cdf, u[:, n:] * cdf[:, -1:]).clamp_max(n - 1)      # (R, size*size)
     return cells.view(-1, size, size)
 
 
-@functools.lru_cache(maxsize=8)
-def torus_neighbours(size, device):
-    """(9, size*size): flat index of each cell's 3x3 neighbourhood on the torus, in conv kernel order."""
-    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
-    nbrs = [((y + dy) % size) * size + (x + dx) % size for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    return torch.stack(nbrs).view(9, -1).to(device)
+# --- the patch tokenizer -------------------------------------------------------
+def frame_markers(n, p):
+    """START and END: the two ids after the n ** (p * p) patch tokens. A frame is START, its patches, END."""
+    start = n ** (p * p)
+    return start, start + 1
 
 
-@torch.no_grad()
-def rollout(rules, grid0, n_steps, keys, temperature, identity_bias=0.0):
-    """Advance R automata at once, each with its own rule: no Python loop over rules or cells.
-    rules (R, P), grid0 (R, S, S) long, keys (R,) for the sampling noise -> (R, n_steps + 1, S, S):
-    the initial grid, then the state after each step. Step t draws cell c with counter t * S*S + c of its key."""
-    R, S, _ = grid0.shape
-    C, dev = S * S, grid0.device
-    n = (rules.size(1) - HIDDEN2 * HIDDEN1) // (9 * HIDDEN1 + HIDDEN2)  # states, from the rule's 52 n + 64 weights
-    w1, w2, w3 = unpack_rules(rules, n)
-    # conv 3x3 then conv 1x1 with nothing between is one linear map, and its input is one-hot, so the
-    # first two layers collapse into a lookup table: (neighbour k, that neighbour's state) -> 16 values.
-    table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(R * 9 * n, HIDDEN2)
-    # cell c's rows are r*9n + k*n + state[nbr(c, k)]: one index_select from the (R, 9, C) states + r*9n + k*n
-    first_row = ((torch.arange(R, device=dev) * 9).view(R, 1, 1) + torch.arange(9, device=dev).view(1, 9, 1)).int() * n
-    take = ((torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
-            + torus_neighbours(S, dev).t()).flatten()                                   # (R*C*9,)
-    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)
-    us = uniform(keys, n_steps * C).view(R, n_steps, C) if temperature else None
-    states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
-    states[:, 0] = grid0.reshape(R, C)
-    for t in range(n_steps):
-        state = states[:, t]
-        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
-        h = F.embedding_bag(rows, table, bags, mode='sum').relu_().view(R, C, HIDDEN2)  # sum of 9 rows per cell
-        # (R, n, C): the states on the middle axis, so ops over them run along rows of cells (3-6x faster on a CPU)
-        logits = torch.bmm(w3, h.transpose(1, 2))
-        if identity_bias:
-            logits = logits + identity_bias * F.one_hot(state.long(), n).transpose(1, 2)
-        if temperature == 0:
-            states[:, t + 1] = logits.max(1).indices  # the first of tied top states, as argmax (which is slow here)
-            continue
-        # softmax(logits / T), unnormalised (categorical scales u by the total), in place; the clamp keeps exp out
-        # of the slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
-        weights = logits.sub_(logits.amax(1, keepdim=True)).div_(temperature).clamp_min_(-80).exp_()
-        states[:, t + 1] = categorical(weights, us[:, t], dim=1)                         # (R, C)
-    return states.long().view(R, n_steps + 1, S, S)
-
-
-# --- the patch tokenizer --------------------------------------------------------
 def frame_tokens(frames, n, p):
     """frames (R, T, S, S) -> (R, T, (S/p)**2) patch tokens, row-major; cell k of a patch (row-major)
     is digit k of the token in base n."""
@@ -297,8 +323,10 @@ def frame_tokens(frames, n, p):
 def tokenize(frames, n, p):
     """frames (R, T, S, S) -> (R, T * ((S/p)**2 + 2)): each frame is START, its patches, END."""
     tokens = frame_tokens(frames, n, p)
-    start = tokens.new_full((*tokens.shape[:2], 1), n ** (p * p))
-    return torch.cat([start, tokens, start + 1], dim=2).flatten(1)
+    start, end = frame_markers(n, p)
+    starts = tokens.new_full((*tokens.shape[:2], 1), start)
+    ends = tokens.new_full((*tokens.shape[:2], 1), end)
+    return torch.cat([starts, tokens, ends], dim=2).flatten(1)
 
 
 def detokenize(tokens, n, p, size):
@@ -307,14 +335,24 @@ def detokenize(tokens, n, p, size):
     if tokens.size(1) % frame_len:
         raise ValueError(f"{tokens.size(1)} tokens are not whole frames of {frame_len} tokens")
     tokens = tokens.view(tokens.size(0), -1, frame_len)
-    if (tokens[..., 0] != n ** (p * p)).any() or (tokens[..., -1] != n ** (p * p) + 1).any():
+    start, end = frame_markers(n, p)
+    if (tokens[..., 0] != start).any() or (tokens[..., -1] != end).any():
         raise ValueError("every frame must be START, patches, END")
     digits = tokens[..., 1:-1, None] // n ** torch.arange(p * p, device=tokens.device) % n
     R, T = digits.shape[:2]
-    return digits.view(R, T, size // p, size // p, p, p).permute(0, 1, 2, 4, 3, 5).reshape(R, T, size, size)
+    cells = digits.view(R, T, size // p, size // p, p, p).permute(0, 1, 2, 4, 3, 5)
+    return cells.reshape(R, T, size, size)
 
 
 # --- the gzip complexity filter -------------------------------------------------
+# A rule set is the first candidates of a seeded stream whose trajectories gzip to a ratio inside
+# the band. These functions read the NCA data config at the top (n_states, grid, patch, temperature,
+# burn_in, ...).
+MAX_CANDIDATES_PER_RULE = 100  # a band that keeps under 1% of the candidates stops early and says so
+_gzip_pool = ThreadPoolExecutor(os.cpu_count())  # zlib releases the GIL, so threads use every core
+_rule_sets = {}  # get_rule_set's cache
+
+
 def gzip_ratio(tokens):
     """The paper's complexity measure: gzip level 9 size / raw size of the token ids as int32 bytes.
     (As uint16 the same rules score far higher: the paper's bands assume int32.)"""
@@ -322,62 +360,95 @@ def gzip_ratio(tokens):
     return len(gzip.compress(raw, compresslevel=9, mtime=0)) / len(raw)
 
 
-_gzip_pool = ThreadPoolExecutor(os.cpu_count())  # zlib releases the GIL, so threads use every core
-_rule_sets = {}  # get_rule_set's cache
-
-
 def trajectories(rules, keys, n_frames):
-    """rules (R, P), keys (R,) -> (R, n_frames, S, S): the frames after burn-in, from each key's own random grid.
-    The grid and the sampling noise have streams of their own (a rule's key already made its weights)."""
+    """rules (R, P), keys (R,) -> (R, n_frames, S, S): the frames after burn-in, from each key's own random
+    grid. The grid and the sampling noise have streams of their own (a rule's key already made its weights)."""
     grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
-    return rollout(rules, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)[:, burn_in:]
+    kernels = unpack_rules(rules, n_states)
+    frames = rollout(kernels, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)
+    return frames[:, burn_in:]
 
 
 def rule_complexity(rules, keys):
-    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames. On a
-    CPU 128 rules at a time: zlib's threads compress a part while the next one rolls out."""
-    chunk, ratios = 128 if rules.device.type == 'cpu' else max(len(rules), 1), []
+    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames.
+    On a CPU 128 rules at a time: zlib's threads compress a part while the next one rolls out."""
+    chunk = 128 if rules.device.type == 'cpu' else max(len(rules), 1)
+    ratios = []
     for i in range(0, len(rules), chunk):
-        tokens = frame_tokens(trajectories(rules[i:i + chunk], keys[i:i + chunk], gzip_frames), n_states, patch)
-        ratios.append(_gzip_pool.map(gzip_ratio, tokens.flatten(1).cpu().numpy()))  # submitted, collected below
+        frames = trajectories(rules[i:i + chunk], keys[i:i + chunk], gzip_frames)
+        tokens = frame_tokens(frames, n_states, patch).flatten(1).cpu().numpy()
+        ratios.append(_gzip_pool.map(gzip_ratio, tokens))  # submitted now, collected below
     return torch.tensor([r for part in ratios for r in part], dtype=torch.float32)
 
 
 def candidate_rules(split, rule_set, first, count):
-    """Candidates first..first+count-1 of a rule set -> keys (count,), rules (count, P)."""
-    keys = make_key(seed, SPLITS[split], RULES, rule_set, torch.arange(first, first + count, device=device))
+    """Candidates first .. first + count - 1 of a rule set -> keys (count,), rules (count, P)."""
+    index = torch.arange(first, first + count, device=device)
+    keys = make_key(seed, SPLITS[split], RULES, rule_set, index)
     return keys, sample_rules(keys, n_states)
 
 
-def no_rule_in_band(ratios):
-    q = ' / '.join(f'{v:.3f}' for v in np.quantile(ratios.cpu().numpy(), [0.1, 0.5, 0.9]))
-    die(f"the band ({gzip_lower}, {gzip_upper}) kept no rule; the candidates' gzip ratios have the quantiles 10/50/90% "
-        f"{q}: choose --gzip_lower and --gzip_upper around them")
+def rule_set_key(split, rule_set, count):
+    """What a rule set depends on: get_rule_set's cache key. The rule network's shape is part of it."""
+    data = (grid, n_states, rule_hidden1, rule_hidden2, patch, temperature, identity_bias, burn_in,
+            gzip_lower, gzip_upper, gzip_frames)
+    return (split, rule_set, count, seed, device) + data
 
 
 def get_rule_set(split, rule_set, count, chunk=2048):
-    """Rejection sampling: the first `count` candidates of a rule set whose gzip ratio is in the band.
+    """Rejection sampling: the first `count` candidates of a rule set whose gzip ratio is in the band
     -> rules (count, P) on the device. Cached: the training loop asks for the same set every batch."""
-    cache_key = (split, rule_set, count, seed, device, grid, n_states, patch, temperature, identity_bias,
-                 burn_in, gzip_lower, gzip_upper, gzip_frames)
-    if cache_key not in _rule_sets:
-        t0, kept, n_kept, tried = time.time(), [], 0, 0
-        while n_kept < count:
-            keys, rules = candidate_rules(split, rule_set, tried, chunk)
-            ratio = rule_complexity(rules, keys).to(rules.device)
-            kept.append(rules[(gzip_lower < ratio) & (ratio < gzip_upper)])
-            n_kept, tried = n_kept + len(kept[-1]), tried + chunk
-            if n_kept == 0 and tried >= 20 * chunk:
-                no_rule_in_band(ratio)
-        print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} candidates in "
-              f"({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
-        if len(_rule_sets) >= 4:  # keep the current training and validation sets, drop older ones
-            _rule_sets.pop(next(iter(_rule_sets)))
-        _rule_sets[cache_key] = torch.cat(kept)[:count]
+    cache_key = rule_set_key(split, rule_set, count)
+    if cache_key in _rule_sets:
+        return _rule_sets[cache_key]
+    t0 = time.time()
+    kept, ratios = [], []
+    n_kept = tried = 0
+    while n_kept < count:
+        keys, rules = candidate_rules(split, rule_set, tried, chunk)
+        ratio = rule_complexity(rules, keys).to(rules.device)
+        kept.append(rules[(gzip_lower < ratio) & (ratio < gzip_upper)])
+        ratios.append(ratio.cpu())
+        n_kept += len(kept[-1])
+        tried += chunk
+        give_up_if_rare(n_kept, tried, count, chunk, torch.cat(ratios), time.time() - t0)
+    print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} candidates in "
+          f"({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
+    if len(_rule_sets) >= 4:  # keep the current training and validation sets, drop older ones
+        _rule_sets.pop(next(iter(_rule_sets)))
+    _rule_sets[cache_key] = torch.cat(kept)[:count]
     return _rule_sets[cache_key]
 
 
-# --- training batches -------------------------------------------------------------
+def give_up_if_rare(n_kept, tried, count, chunk, ratios, seconds):
+    """Stop a band that keeps nothing after 20 chunks, or whose pass rate (measured after 4) would need more
+    than MAX_CANDIDATES_PER_RULE candidates a rule: say the rate, the time it would take, the ratios' spread."""
+    if n_kept >= count or tried < 4 * chunk:
+        return
+    if n_kept == 0:
+        if tried >= 20 * chunk:
+            no_rule_in_band(ratios)
+        return
+    rate = n_kept / tried
+    if rate >= 1 / MAX_CANDIDATES_PER_RULE:
+        return
+    minutes = (count - n_kept) / rate * seconds / tried / 60
+    stop_for_band(f"keeps {rate:.2%} of the candidates ({n_kept} of {tried}): {count} rules would take about "
+                  f"{count / rate:,.0f} candidates, {minutes:,.0f} more minutes", ratios)
+
+
+def no_rule_in_band(ratios):
+    stop_for_band("kept no rule", ratios)
+
+
+def stop_for_band(verdict, ratios):
+    """ratios: the gzip ratios of every candidate tried."""
+    quantiles = ' / '.join(f'{v:.3f}' for v in np.quantile(ratios.cpu().numpy(), [0.1, 0.5, 0.9]))
+    die(f"the band ({gzip_lower}, {gzip_upper}) {verdict}; the gzip ratios of the {len(ratios)} candidates "
+        f"tried have the quantiles 10/50/90% {quantiles}: choose --gzip_lower and --gzip_upper around them")
+
+
+# --- the training batches ----------------------------------------------------------
 def frame_len():
     return (grid // patch) ** 2 + 2  # START + patches + END: 38 at the defaults
 
@@ -402,26 +473,29 @@ def nca_batch(split, index, batch_size):
     epoch = i // count
     rules = []
     for e in epoch.unique().tolist():  # a batch spans at most two epochs, in order
-        rule_set = get_rule_set(split, e // rule_resample if rule_resample else 0, count)
+        which = e // rule_resample if rule_resample else 0  # the authors' code: one set (rule_resample=0)
+        rule_set = get_rule_set(split, which, count)
         order = uniform(make_key(seed, SPLITS[split], ORDER, torch.tensor([e], device=device)), count)[0].argsort()
         rules.append(rule_set[order[i[epoch == e] % count]])
     keys = make_key(seed, SPLITS[split], SEQUENCES, i)
     seq = nca_sequences(torch.cat(rules), keys)                          # (B, block_size + 1)
-    if nca_shuffle:  # the same patch tokens in a random order within the sequence; START/END stay in place
-        is_patch = seq[0] < n_states ** (patch * patch)                   # the same places in every sequence
+    start, _ = frame_markers(n_states, patch)
+    if nca_shuffle:  # the control: the same patch tokens in a random order; START/END stay in place
+        is_patch = seq[0] < start                                         # the same places in every sequence
         order = uniform(make_key(keys, SHUFFLE), int(is_patch.sum())).argsort(-1)
         seq[:, is_patch] = seq[:, is_patch].gather(1, order)
     x, y = seq[:, :-1], seq[:, 1:].clone()
-    y[:, :frame_len() - 1] = -1          # the first frame is context: the rule is inferred from it
-    if nca_loss == 'patches':                 # START/END sit at fixed places: nothing to learn (the
-        y[y >= n_states ** (patch * patch)] = -1  # authors' code meant to mask them but did not)
+    y[:, :frame_len() - 1] = -1  # the first frame is context: the rule is inferred from it
+    if nca_loss == 'patches':    # START/END sit at fixed places: nothing to learn (the authors' code
+        y[y >= start] = -1       #   meant to mask them but did not: nca_loss='all')
     return x, y
 
 
 @torch.no_grad()
 def dyck_batch(split, index, batch_size):
-    """k-Dyck sequences (prefixes of balanced words, depth at most dyck_depth): token t < k opens bracket type t, k + t
-    closes it; where both moves are allowed, a bracket opens with probability dyck_p_open. -> X, Y (B, block_size)."""
+    """k-Dyck sequences (prefixes of balanced words, depth at most dyck_depth): token t < k opens bracket type
+    t, k + t closes it; where both moves are allowed, a bracket opens with probability dyck_p_open.
+    -> X, Y (B, block_size)."""
     B, L = batch_size, block_size + 1
     u = uniform(make_key(seed, SPLITS[split], DYCK, sequence_ids(index, batch_size)), 2 * L).view(B, L, 2)
     stack = torch.zeros(B, dyck_depth, dtype=torch.long, device=device)  # open bracket types
@@ -453,17 +527,21 @@ def dataset_meta(folder, name):
 
 
 def data_file(split):
-    """The path of a split of --dataset, checked: sft reads prompt/answer pairs, lm token ids (meta.json counts them)."""
+    """The path of a split of --dataset, checked: sft reads prompt/answer pairs, lm token ids (meta.json
+    counts them)."""
     if stage == 'sft':
         path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
         if not os.path.exists(path):
-            die(f"no {path}: --stage sft trains on the pairs of `prepare_data.py gsm8k` (or bbl): give --dataset=gsm8k")
+            die(f"no {path}: --stage sft trains on the pairs of `prepare_data.py gsm8k` (or bbl): "
+                f"give --dataset=gsm8k")
         return path
-    path, n = os.path.join(data_dir, dataset, f'{split}.bin'), dataset_meta(data_dir, dataset).get(f'{split}_tokens')
+    path = os.path.join(data_dir, dataset, f'{split}.bin')
+    n = dataset_meta(data_dir, dataset).get(f'{split}_tokens')
     if n is None:
         die(f"{dataset} is a benchmark, not a corpus: --stage lm trains on one that prepare_data.py tokenises")
     if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
-        die(f"{path} is missing or not {n} uint16 tokens as meta.json says: run `python prepare_data.py {dataset}`")
+        die(f"{path} is missing or not {n} uint16 tokens as meta.json says: "
+            f"run `python prepare_data.py {dataset}`")
     if n <= block_size + 1:
         die(f"{path} holds {n} tokens, too few for --block_size={block_size}")
     return path
@@ -471,14 +549,16 @@ def data_file(split):
 
 def lm_batch(split, index, batch_size):
     """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the batch index."""
-    data = np.memmap(data_file(split), dtype=np.uint16, mode='r')  # re-opened each batch: a long-lived memmap leaks
-    starts = randint(make_key(seed, SPLITS[split], LM, torch.tensor([index])), batch_size, len(data) - block_size - 1)[0]
-    xy = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
+    data = np.memmap(data_file(split), dtype=np.uint16, mode='r')  # opened each batch: a long-lived memmap leaks
+    key = make_key(seed, SPLITS[split], LM, torch.tensor([index]))
+    starts = randint(key, batch_size, len(data) - block_size - 1)[0]
+    windows = np.stack([data[s:s + block_size + 1] for s in starts.tolist()])
+    xy = torch.from_numpy(windows.astype(np.int64))
     return xy[:, :-1].to(device), xy[:, 1:].to(device)
 
 
 def sft_examples(split):
-    """prompt/answer pairs -> list of (tokens, prompt length); the answer ends with EOT."""
+    """prompt/answer pairs -> list of (tokens, prompt length); the answer ends with end-of-text."""
     path, kind = data_file(split), (vocab or stage_vocab())['kind']
     if (path, kind) not in _sft_cache:
         encode, _, eot = text_codec(kind)
@@ -498,7 +578,8 @@ def sft_batch(split, index, batch_size):
     for b, i in enumerate(sequence_ids(index, batch_size).tolist()):
         epoch = i // len(examples)
         if epoch not in orders:
-            orders[epoch] = uniform(make_key(seed, SPLITS[split], SFT, torch.tensor([epoch])), len(examples))[0].argsort()
+            key = make_key(seed, SPLITS[split], SFT, torch.tensor([epoch]))
+            orders[epoch] = uniform(key, len(examples))[0].argsort()
         tokens, n_prompt = examples[orders[epoch][i % len(examples)]]
         tokens = torch.tensor(tokens[:block_size + 1])
         x[b, :len(tokens) - 1] = tokens[:-1]
@@ -514,26 +595,31 @@ def gpt2_encoding():
 def text_codec(kind):
     """A language vocabulary ('gpt2' or 'bytes') -> encode (str -> ids), decode (ids -> str), end-of-text id."""
     if kind == 'bytes':  # UTF-8 bytes; 256 ends a document
-        return (lambda text: list(text.encode('utf-8')),
-                lambda ids: bytes(i for i in ids if i < 256).decode('utf-8', errors='replace'), 256)
+        def decode(ids):
+            return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
+        return (lambda text: list(text.encode('utf-8'))), decode, 256
     enc = gpt2_encoding()
     return enc.encode_ordinary, enc.decode, EOT
 
 
 def get_batch(split, index):
-    return {'nca': nca_batch, 'dyck': dyck_batch, 'lm': lm_batch, 'sft': sft_batch}[stage](split, index, batch_size)
+    batch = {'nca': nca_batch, 'dyck': dyck_batch, 'lm': lm_batch, 'sft': sft_batch}[stage]
+    return batch(split, index, batch_size)
 
 
 def stage_vocab():
     """What the token ids of this stage mean; the embedding and head are sized (and padded) from it."""
     if stage == 'nca':
-        return dict(kind='nca', size=n_states ** (patch * patch) + 2, n_states=n_states, patch=patch, grid=grid)
+        _, end = frame_markers(n_states, patch)
+        return dict(kind='nca', size=end + 1, n_states=n_states, patch=patch, grid=grid)
     if stage == 'dyck':
         return dict(kind='dyck', size=2 * dyck_k)
     if stage == 'lm':  # what prepare_data.py wrote: GPT-2 tokens or bytes
         meta = dataset_meta(data_dir, dataset)
         return dict(kind=meta.get('tokenizer', 'gpt2'), size=meta.get('vocab_size', 50257))
-    return dict(kind='gpt2', size=50257)  # sft from scratch (from a checkpoint it keeps the checkpoint's)
+    if stage == 'sft':  # from scratch; from a checkpoint, fine-tuning keeps the checkpoint's vocabulary
+        return dict(kind='gpt2', size=50257)
+    die(f"no vocabulary for --stage={stage}: the stages are nca, dyck, lm and sft")
 
 
 # ==== 2. The GPT: Llama-style (pre-norm RMSNorm, rotary positions, SwiGLU, untied head) ====
@@ -544,7 +630,8 @@ def rotary(T, head_dim, device, theta=1e4):
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x, cos, sin):  # x (B, nh, T, hs): rotate pairs (x1, x2) of the two halves
+def apply_rotary(x, cos, sin):
+    """x (B, nh, T, hs): rotate the pairs (x1, x2) made of its two halves (HF Llama's convention)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -552,19 +639,24 @@ def apply_rotary(x, cos, sin):  # x (B, nh, T, hs): rotate pairs (x1, x2) of the
 class Attention(nn.Module):
     def __init__(self, n_embd, n_head, dropout):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
+        self.n_head = n_head
+        self.dropout = dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
 
     def forward(self, x, cos, sin, kv=None, pos=0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                 # each (B, nh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:  # sampling: keys and values of positions < pos are cached in kv (B, nh, T_max, hs) x 2
-            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
+            kv[0][:, :, pos:pos + T] = k
+            kv[1][:, :, pos:pos + T] = v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
-        # causal over the whole sequence, or one new token attending to every cached one (prefill starts at 0)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0)
+        # causal over the whole sequence, or one new token attending to every cached one (prefill
+        # starts at 0)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=p)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -582,8 +674,10 @@ class MLP(nn.Module):  # SwiGLU, hidden 4 x width as in the paper
 class Block(nn.Module):
     def __init__(self, n_embd, n_head, dropout):
         super().__init__()
-        self.norm1, self.attn = nn.RMSNorm(n_embd), Attention(n_embd, n_head, dropout)
-        self.norm2, self.mlp = nn.RMSNorm(n_embd), MLP(n_embd)
+        self.norm1 = nn.RMSNorm(n_embd)
+        self.attn = Attention(n_embd, n_head, dropout)
+        self.norm2 = nn.RMSNorm(n_embd)
+        self.mlp = MLP(n_embd)
 
     def forward(self, x, cos, sin, kv=None, pos=0):
         x = x + self.attn(self.norm1(x), cos, sin, kv, pos)
@@ -594,39 +688,43 @@ class GPT(nn.Module):
     def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, head_bias=False,
                  emb_init='normal', scale_residual=True):
         super().__init__()
-        self.n_layer, self.n_head, self.block_size = n_layer, n_head, block_size
-        self.emb_init, self.scale_residual = emb_init, scale_residual
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.block_size = block_size
+        self.scale_residual = scale_residual
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.norm = nn.RMSNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=head_bias)
+        self.torch_init = authors_torch_init(self, emb_init)  # the authors' recipe, where it applies
         self.apply(self.init_weights)
 
     def init_weights(self, module):
-        """N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 n_layer) (GPT-2; off with
-        scale_residual=False, as the authors' HF init). emb_init='torch' keeps torch's defaults for the embedding and
-        the head (the authors' stage 2); so does a head with a bias (their stage-1 head, made outside HF's init)."""
-        if module is self.head and (self.emb_init == 'torch' or module.bias is not None):
-            module.reset_parameters()       # nn.Linear's: weight and bias U(+-1/sqrt(n_embd))
-        elif module is self.wte and self.emb_init == 'torch':
-            module.reset_parameters()       # nn.Embedding's: N(0, 1)
+        """GPT-2's: N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 n_layer)."""
+        if module in self.torch_init:
+            module.reset_parameters()
         elif isinstance(module, (nn.Linear, nn.Embedding)):
-            scaled = self.scale_residual and any(module in (b.attn.proj, b.mlp.down) for b in self.blocks)
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.n_layer) if scaled else 0.02)
+            std = 0.02
+            residual = any(module in (b.attn.proj, b.mlp.down) for b in self.blocks)
+            if self.scale_residual and residual:
+                std = 0.02 / math.sqrt(2 * self.n_layer)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.RMSNorm):
             torch.nn.init.ones_(module.weight)
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         """idx (B, T) -> logits (B, T, V); with targets (B, T), -1 = no loss: also the mean loss.
         For sampling, cache (from new_cache) holds the keys and values of positions < pos."""
-        cos, sin = (t[pos:] for t in rotary(pos + idx.size(1), self.wte.embedding_dim // self.n_head, idx.device))
+        head_dim = self.wte.embedding_dim // self.n_head
+        cos, sin = (t[pos:] for t in rotary(pos + idx.size(1), head_dim, idx.device))
         x = self.wte(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache[i] if cache else None, pos)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
 
     def new_cache(self, batch_size, max_len, dtype, device):
         """Empty key/value buffers for sampling: per layer (k, v), each (B, nh, max_len, hs)."""
@@ -646,13 +744,20 @@ def parts(spec, model):
     found = []
     for item in filter(None, spec.split(',')):
         name, _, layers = item.partition(':')
-        lo, _, hi = layers.partition('-')
-        blocks = model.blocks[int(lo):int(hi or lo) + 1] if layers else model.blocks
-        if name in ('emb', 'head'):
-            found.append(model.wte if name == 'emb' else model.head)
-        elif name in ('attn', 'mlp', 'norm'):
-            found += [m for b in blocks for m in ([b.norm1, b.norm2] if name == 'norm' else [getattr(b, name)])]
-            found += [model.norm] if name == 'norm' and not layers else []
+        blocks = model.blocks
+        if layers:
+            lo, _, hi = layers.partition('-')
+            blocks = model.blocks[int(lo):int(hi or lo) + 1]
+        if name == 'emb':
+            found.append(model.wte)
+        elif name == 'head':
+            found.append(model.head)
+        elif name == 'norm':
+            found += [m for b in blocks for m in (b.norm1, b.norm2)]
+            if not layers:
+                found.append(model.norm)
+        elif name in ('attn', 'mlp'):
+            found += [getattr(b, name) for b in blocks]
         else:
             die(f"cannot read {item!r} in {spec!r}: parts are attn, mlp, norm (with an optional :first-last "
                 f"layer range), emb, head")
@@ -665,14 +770,22 @@ def transfer(model, source, same_vocab, keep=False):
     if keep and not same_vocab:
         die("keeping the embedding and head needs the same vocabulary in both stages: sft and "
             "--keep_embeddings start from an lm checkpoint")
+    theirs = source.get('model_args', {})
+    ours = dict(n_layer=model.n_layer, n_head=model.n_head, n_embd=model.wte.embedding_dim)
+    for k, mine in ours.items():
+        if k in theirs and theirs[k] != mine:
+            die(f"the checkpoint's blocks do not fit this model: the checkpoint has --{k}={theirs[k]}, this "
+                f"run --{k}={mine}: give --{k}={theirs[k]}")
     state = {k: v for k, v in source['model'].items() if keep or not k.startswith(('wte.', 'head.'))}
     target = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
                   for k, v in state.items() if k in target and v.shape != target[k].shape]
     missing = sorted(set(k for k in target if not k.startswith(('wte.', 'head.'))) - set(state))
-    if mismatched or missing:
-        die(f"the checkpoint's blocks do not fit this model ({'; '.join(mismatched + missing[:5])}): "
-            f"give the same --n_layer/--n_head/--n_embd as the checkpoint's")
+    unexpected = sorted(set(state) - set(target))
+    if mismatched or missing or unexpected:
+        found = mismatched + missing[:5] + [f"{k} not in this model" for k in unexpected[:5]]
+        die(f"the checkpoint's blocks do not fit this model ({'; '.join(found)}): give the same "
+            f"--n_layer/--n_head/--n_embd as the checkpoint's")
     model.load_state_dict(state, strict=False)          # wte and head keep their fresh initialisation
     for module in parts(reinit, model):                 # the paper's ablations: re-initialise more
         module.apply(model.init_weights)
@@ -681,32 +794,62 @@ def transfer(model, source, same_vocab, keep=False):
 
 
 # ==== 4. Training: one loop for every stage ==================================
-def tokens_per_iter():
-    return batch_size * gradient_accumulation_steps * block_size
+# --- where the authors' recipe changes the method ------------------------------
+# --recipe=authors (RECIPES, in the appendix) trains as the authors' code does. Most of its items are plain
+# values (no clipping in stage 1, AdamW's decay, beta2, dropout, the vocabulary's padding, fp16);
+# the five below change how the method computes, each behind its own flag, and this is every place
+# they act:
+#   emb_init='torch', head_bias  -> authors_torch_init: torch's own init for the fresh embedding and head
+#   scale_residual=False         -> GPT.init_weights: 0.02 for the residual projections too
+#   warmup_zero                  -> get_lr: the warm-up starts at 0
+#   decay_all                    -> optimizer_groups: weight decay on the norms too
+#   clip_sum                     -> micro_step_loss: the micro-steps' losses summed, not averaged
+# and in the data, nca_loss='all' (START/END predicted) and rule_resample=0 (one rule set) in
+# nca_batch.
+
+def authors_torch_init(model, emb_init):
+    """The modules the authors' code leaves at torch's own initialisation: stage 2's new embedding N(0, 1)
+    and head U(+-1/sqrt(d)) (emb_init='torch'), and their stage-1 head with a bias (made outside HF's init)."""
+    modules = []
+    if emb_init == 'torch':
+        modules += [model.wte, model.head]
+    elif model.head.bias is not None:
+        modules.append(model.head)
+    return modules
 
 
 def get_lr(it):
     """Linear warm-up, then cosine down to min_lr by lr_decay_iters."""
     if it < warmup_iters:
-        return learning_rate * (it / warmup_iters if warmup_zero else (it + 1) / (warmup_iters + 1))
+        if warmup_zero:  # the authors' LambdaLR: lr * it / warmup, 0 at the first update
+            return learning_rate * (it / warmup_iters)
+        return learning_rate * ((it + 1) / (warmup_iters + 1))
     if it >= lr_decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def run_length():
-    """The run's updates (given, or from a token budget, or passes over the data), then its schedule."""
-    global max_iters, warmup_iters, lr_decay_iters
-    if max_tokens:
-        max_iters = -(-max_tokens // tokens_per_iter())
-    elif epochs:  # an epoch: every training rule once (nca), every example once (sft)
-        n_examples = num_rules if stage == 'nca' else len(sft_examples('train'))
-        max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
-    globals().update({k: round(share * max_iters) for k, share in schedule_shares.items()})
-    lr_decay_iters = lr_decay_iters or max_iters
-    if stop_at_peak:
-        warmup_iters = lr_decay_iters = max_iters
+def optimizer_groups(model):
+    """AdamW's parameter groups: weight decay on the matrices, not on the norms (decay_all: on every one)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for p in params if p.dim() >= 2 or decay_all]
+    other = [p for p in params if p.dim() < 2 and not decay_all]
+    return [{'params': decayed, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
+
+
+def micro_step_loss(loss, micro_steps, world):
+    """What a micro-step backpropagates: the update's gradient is the mean over its micro-steps, or (clip_sum,
+    the authors' stage 2) their sum, so that clipping sees a norm micro_steps times larger. DDP averages over
+    processes, hence x world. Under Adam only clipping and eps see the difference."""
+    if clip_sum:
+        return loss * world
+    return loss / micro_steps
+
+
+# --- evaluation ------------------------------------------------------------------
+def tokens_per_iter():
+    return batch_size * gradient_accumulation_steps * block_size
 
 
 def token_losses(logits, y):
@@ -715,18 +858,22 @@ def token_losses(logits, y):
 
 def repeated_tokens(index, batch_size, length):
     """The induction test: random tokens (no end-of-text) repeated once -> X, Y (B, 2 * length - 1)."""
-    r = randint(make_key(seed, SPLITS['val'], REPEAT, sequence_ids(index, batch_size)), length, vocab['size'] - 1)
+    key = make_key(seed, SPLITS['val'], REPEAT, sequence_ids(index, batch_size))
+    r = randint(key, length, vocab['size'] - 1)
     seq = torch.cat([r, r], dim=1)
     return seq[:, :-1], seq[:, 1:]
 
 
 def in_context_scores(position_loss, repeat_loss):
     """The in-context probe on language, from the mean loss at each position of held-out text (T,) and of
-    repeated_tokens (2L - 1,). icl: the last tenth of the context minus positions 5-15% (Olsson et al. 2022: token
-    500 minus token 50 of 512); induction: the second copy minus the first. Negative: learned from the context."""
-    T, L = len(position_loss), (len(repeat_loss) + 1) // 2
-    return dict(icl=(position_loss[-T // 10:].mean() - position_loss[T // 20:3 * T // 20].mean()).item(),
-                induction=(repeat_loss[L:].mean() - repeat_loss[:L - 1].mean()).item())
+    repeated_tokens (2L - 1,). icl: the last tenth of the context minus positions 5-15% (Olsson et al. 2022:
+    token 500 minus token 50 of 512); induction: the second copy minus the first. Negative: learned from the
+    context."""
+    T = len(position_loss)
+    L = (len(repeat_loss) + 1) // 2
+    icl = position_loss[-T // 10:].mean() - position_loss[T // 20:3 * T // 20].mean()
+    induction = repeat_loss[L:].mean() - repeat_loss[:L - 1].mean()
+    return dict(icl=icl.item(), induction=induction.item())
 
 
 @torch.no_grad()
@@ -734,7 +881,11 @@ def evaluate(model, ctx):
     """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the in-context
     signal: later frames should be easier once the rule is inferred; for language the in-context probe."""
     model.eval()
-    losses, frame_sum, frame_count, correct, copied, total, by_position, repeat = [], 0, 0, 0, 0, 0, 0, 0
+    losses = []
+    frame_sum = frame_count = by_position = repeat = 0
+    correct = copied = total = 0
+    start, _ = frame_markers(n_states, patch)
+    L = frame_len()
     for k in range(eval_iters):
         x, y = get_batch('val', k)
         with ctx:
@@ -746,88 +897,80 @@ def evaluate(model, ctx):
                 by_position = by_position + token_losses(logits, y).mean(0) / eval_iters
                 repeat = repeat + token_losses(model(rx)[0], ry).mean(0) / eval_iters
         if stage == 'nca':
-            mask, L = (y != -1) & (y < n_states ** (patch * patch)), frame_len()  # the patch tokens of frames 1, 2, ...
+            mask = (y != -1) & (y < start)                            # the patch tokens of frames 1, 2, ...
             frame = (torch.arange(y.size(1), device=y.device) + 1) // L  # (T,) the frame of each target
-            by_frame = lambda v: torch.zeros(frame[-1] + 1, device=v.device).index_add(0, frame, v)  # noqa: E731
-            frame_sum = frame_sum + by_frame((token_losses(logits, y) * mask).sum(0))
-            frame_count = frame_count + by_frame(mask.sum(0).float())
+            frame_sum = frame_sum + sum_by_frame(frame, (token_losses(logits, y) * mask).sum(0))
+            frame_count = frame_count + sum_by_frame(frame, mask.sum(0).float())
             correct += ((logits.argmax(-1) == y) & mask).sum().item()
             # the copy baseline: each patch predicted as the token at its place one frame earlier
             copied += ((x[:, :x.size(1) - L + 1] == y[:, L - 1:]) & mask[:, L - 1:]).sum().item()
             total += mask.sum().item()
     model.train()
-    out = dict(val_loss=float(np.mean(losses)), val_loss_se=float(np.std(losses) / math.sqrt(max(len(losses) - 1, 1))))
+    se = np.std(losses) / math.sqrt(max(len(losses) - 1, 1))
+    out = dict(val_loss=float(np.mean(losses)), val_loss_se=float(se))
     if stage == 'nca':
-        whole = (block_size + 1) // frame_len()  # frames 1 .. whole-1 fit whole in a sequence
+        whole = (block_size + 1) // L  # frames 1 .. whole - 1 fit whole in a sequence
         out['frame_loss'] = [round(v, 4) for v in (frame_sum / frame_count)[1:whole].tolist()]  # frames 1, 2, ...
-        out['next_frame_acc'], out['copy_frame_acc'] = correct / total, copied / total
+        out['next_frame_acc'] = correct / total
+        out['copy_frame_acc'] = copied / total
     if stage == 'lm':
         out.update(in_context_scores(by_position, repeat))
     return out
 
 
-def apply_preset(overrides):
-    """Defaults < preset < the command line. -> a note on what was chosen, for the first line of the run."""
-    name = overrides.get('preset', preset) or ('small' if devices()[0] == 'cuda' else 'tiny')
-    this_stage = overrides.get('stage', stage)
-    values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(this_stage, {})}
-    values['recipe'] = overrides.get('recipe', values.get('recipe', recipe))  # then the recipe's values
-    values.update(RECIPES[values['recipe']].get('all', {}), **RECIPES[values['recipe']].get(this_stage, {}))
-    notes = [f"no --preset given: {name}" + (" (no GPU here: a few minutes on a CPU; --preset=small or paper for "
-                                              "real runs)" if name == 'tiny' else '')] if not overrides.get('preset', preset) else []
-    if any(k in values and k not in overrides for k in ('n_states', 'gzip_lower')) and 'band' not in overrides:
-        now = {**globals(), **values, **overrides}
-        notes.append(f"the {name} preset's NCA data is NOT the paper's: {now['n_states']} states, gzip band "
-                     f"({now['gzip_lower']}, {now['gzip_upper']}), so that a CPU shows in-context learning in minutes "
-                     f"(the paper's: --n_states=10 --gzip_lower=0.5)")
-    if not (overrides.get('device') or devices()[0]).startswith('cuda'):
-        values['compile'] = False  # compiling pays on a GPU only (--compile=true still asks for it)
-        values.pop('dtype', None)  # and a recipe's fp16 is a GPU's: a CPU trains in float32 (unless --dtype says)
-    globals().update(values, preset=name)
-    return '; '.join(notes)
+def sum_by_frame(frame, values):
+    """values (T,) at positions whose frame is frame (T,) -> (number of frames,) sums."""
+    return torch.zeros(frame[-1] + 1, device=values.device).index_add(0, frame, values)
 
 
+# --- the loop ----------------------------------------------------------------------
 def train():
-    global device, dtype, out_dir, vocab
+    global device, dtype, vocab
     # distributed: torchrun sets RANK; one process per GPU (or several on a CPU with gloo)
     ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    rank, world = 0, 1
     if ddp:
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
         if device == 'cuda':
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
         if gradient_accumulation_steps % world:
-            die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world} processes")
+            die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+                f"{world} processes")
     master = rank == 0
     micro_steps = gradient_accumulation_steps // world  # per process; together the same update as one process
-    out_dir = out_dir or f'out-{stage}'
     device_type = 'cuda' if device.startswith('cuda') else device
-    dtype = dtype or ('bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32')
+    dtype = dtype or default_dtype(device_type)
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = torch.autocast(device_type, dtype=ptdtype) if dtype != 'float32' else nullcontext()
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     torch.manual_seed(seed + rank)  # model init (overwritten on resume) and dropout
     if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
-    # what the token ids mean: fine-tuning keeps its model's vocabulary, the other stages have their own
-    iter_num, best_val_loss, checkpoint, source = 0, float('inf'), None, None
+    # what the token ids mean: resumed runs and fine-tuning keep their model's vocabulary
+    checkpoint, source = None, None
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path)
         if checkpoint['stage'] != stage:
             die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with that stage")
+        vocab = checkpoint['vocab']
     elif init_from != 'scratch':
         source = load_checkpoint(init_from)
-    vocab = checkpoint['vocab'] if checkpoint else source['vocab'] if source and stage == 'sft' else stage_vocab()
-    run_length()
+    if not checkpoint:
+        vocab = source['vocab'] if source and stage == 'sft' else stage_vocab()
 
-    # model: from scratch, resumed, or transferred from another stage's checkpoint
-    vocab_size = -(-vocab['size'] // pad_vocab) * pad_vocab  # padded (64: faster matmuls), the rest unused
-    model_args = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      dropout=dropout, head_bias=head_bias, emb_init=emb_init, scale_residual=scale_residual)
+    # the model: from scratch, resumed, or the blocks of another stage's checkpoint
+    padded_vocab = -(-vocab['size'] // pad_vocab) * pad_vocab  # a multiple of 64: faster matmuls; the rest unused
+    model_args = dict(vocab_size=padded_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      block_size=block_size, dropout=dropout, head_bias=head_bias, emb_init=emb_init,
+                      scale_residual=scale_residual)
+    iter_num, best_val_loss = 0, float('inf')
     if checkpoint:
-        model_args, iter_num, best_val_loss = checkpoint['model_args'], checkpoint['iter_num'], checkpoint['best_val_loss']
+        model_args = checkpoint['model_args']
+        iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     model = GPT(**model_args)
     if checkpoint:
         model.load_state_dict(checkpoint['model'])
@@ -835,47 +978,28 @@ def train():
         keep = keep_embeddings or stage == 'sft'  # fine-tuning continues the whole model
         transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep)
         if master:
-            print(f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
-                  f"embedding and head {'kept' if keep else 'fresh for ' + vocab['kind']}"
-                  + (f"; reinit {reinit}" if reinit else '') + (f"; frozen {freeze}" if freeze else ''))
-            theirs = source.get('config', {}).get('recipe', 'project')
-            if theirs != recipe:
-                print(f"recipes differ: {init_from} was trained under --recipe={theirs}, this stage runs under --recipe={recipe}")
-    need, free = memory_needed(model, ptdtype.itemsize), free_memory(device)
-    if master:
-        print(f"memory: about {need / 2**30:.2f} GiB needed on {device} (a rough estimate: weights, gradients, AdamW, "
-              f"activations of {batch_size} sequences)" + (f"; {free / 2**30:.1f} GiB free" if free else ''))
-    if free and need > 2 * free:  # beyond the estimate's own error: it clearly cannot fit
-        die(f"this run needs about {need / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} GiB free: lower "
-            f"--batch_size (raise --gradient_accumulation_steps to keep the update the same)")
+            print_transfer(source, keep)
+    progress.update(step=iter_num, saved=iter_num if checkpoint else None)
+    check_memory(model, ptdtype.itemsize, master)
     model.to(device)
 
-    # optimiser: AdamW, decay on matrices only (or on every parameter: decay_all), fused on CUDA
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2 or decay_all], 'weight_decay': weight_decay},
-              {'params': [p for p in params if p.dim() < 2 and not decay_all], 'weight_decay': 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+    # AdamW (fused on CUDA), and fp16's loss scaler (off otherwise)
+    optimizer = torch.optim.AdamW(optimizer_groups(model), lr=learning_rate, betas=(beta1, beta2),
+                                  fused=device_type == 'cuda')
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     if checkpoint:
         optimizer.load_state_dict(checkpoint['optimizer'])
-        cpu_rng, cuda_rng = checkpoint['rng'][rank % len(checkpoint['rng'])]
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None and device_type == 'cuda':
-            torch.cuda.set_rng_state(cuda_rng)
-    raw_model, model = model, torch.compile(model) if compile else model
+        restore_rng(checkpoint, rank, device_type)
+    raw_model = model
+    if compile:
+        model = torch.compile(model)
     if ddp:
         local = [int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=local)
-
-    n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        print(f"stage {stage}, preset {preset}, {device} {dtype}, recipe {recipe}, {world} process(es); {n_params / 1e6:.2f}M parameters "
-              f"({(n_params - 2 * raw_model.wte.weight.numel()) / 1e6:.2f}M without embedding and head)")
-        print(f"{max_iters} updates x {tokens_per_iter():,} tokens = {max_iters * tokens_per_iter() / 1e6:,.1f}M tokens, "
-              f"from step {iter_num}; lr: warm-up {warmup_iters} steps, cosine to step {lr_decay_iters}; writing to {out_dir}/")
-        print('config: ' + ' '.join(f"{k}={globals()[k]}" for k in config_keys))
+        print_run(raw_model, world, iter_num)
         log = open_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
+        write_run_file(model_args)
 
     def save(it):
         rng = [(torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == 'cuda' else None)]  # dropout
@@ -886,30 +1010,25 @@ def train():
             ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                         iter_num=it, best_val_loss=best_val_loss, config={k: globals()[k] for k in config_keys},
                         stage=stage, vocab=vocab, rng=rng)
-            atomic_write(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+            write_or_stop(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
         progress['saved'] = it
 
-    # the loop
+    # the loop: evaluate and checkpoint every eval_interval steps, else one update
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter()
     peak_flops = peak_flops_per_s(device)
     t_start, t_last, tokens_seen, start_iter = time.time(), time.time(), 0, iter_num
-    progress.update(step=iter_num, saved=iter_num if checkpoint else None)
     while True:
         progress['step'] = iter_num
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        if iter_num % eval_interval == 0 and (iter_num > start_iter or init_from != 'resume') or iter_num == max_iters:
+        resumed_here = init_from == 'resume' and iter_num == start_iter  # evaluated before it stopped
+        if iter_num % eval_interval == 0 and not resumed_here or iter_num == max_iters:
             stats = evaluate(model, ctx)
             check_finite(stats['val_loss'], iter_num, 'validation', ckpt_path)
             best_val_loss = min(best_val_loss, stats['val_loss'])
             if master:
-                fl = stats.get('frame_loss')  # nca
-                extra = (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
-                         f" | next-frame acc {stats['next_frame_acc']:.1%} (copying the last frame: "
-                         f"{stats['copy_frame_acc']:.1%})") if fl else ''
-                print(f"step {iter_num}: val loss {stats['val_loss']:.4f} +- {stats['val_loss_se']:.4f} over {eval_iters} "
-                      f"fixed batches (ppl {math.exp(min(stats['val_loss'], 50)):.2f}){extra}")
+                print_evaluation(iter_num, stats)
                 log_write(log, dict(step=iter_num, tokens=iter_num * tokens_per_iter(), **stats))
             save(iter_num)
         if iter_num >= max_iters:
@@ -921,8 +1040,7 @@ def train():
                 model.require_backward_grad_sync = micro == micro_steps - 1
             with ctx:
                 _, loss = model(x, y)
-            # the update's gradient: the mean over micro-steps, or their sum (clip_sum); DDP averages, hence x world
-            scaler.scale(loss * world if clip_sum else loss / micro_steps).backward()
+            scaler.scale(micro_step_loss(loss, micro_steps, world)).backward()
             loss_sum += loss.detach()
         if grad_clip:
             scaler.unscale_(optimizer)
@@ -942,13 +1060,22 @@ def train():
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             if master:
                 rate = tokens_per_iter() / dt
-                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s{mfu} | "
+                      f"eta {eta / 60:.1f} min")
                 log_write(log, dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=rate, time=time.time() - t_start))
     if master:
-        print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {(time.time() - t_start) / 60:.1f} min; "
-              f"val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")
+        print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {(time.time() - t_start) / 60:.1f} "
+              f"min; val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")
     if ddp:
         torch.distributed.destroy_process_group()
+
+
+def restore_rng(checkpoint, rank, device_type):
+    """The dropout streams where the checkpoint left them (one per process that wrote it)."""
+    cpu_rng, cuda_rng = checkpoint['rng'][rank % len(checkpoint['rng'])]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None and device_type == 'cuda':
+        torch.cuda.set_rng_state(cuda_rng)
 
 
 def check_finite(value, it, what, ckpt_path):
@@ -957,65 +1084,222 @@ def check_finite(value, it, what, ckpt_path):
             f"(if any); try a lower --learning_rate or --dtype=float32")
 
 
-def load_checkpoint(path):
-    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path  # a run's out_dir will do
-    if not os.path.exists(path):
-        die(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        die(f"cannot read the checkpoint {path}: {type(e).__name__}: {e}")
+# ==== Appendix: presets and recipes ===========================================
+# Presets set many values at once, for every stage ('all') and for one.
+PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4, weight_decay=1e-4, min_lr=0.0,
+                max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
+FINETUNE = dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
+                lr_decay_iters=0)
+PRESETS = {
+    # any CPU, a few minutes, every stage. Not the paper's NCA data: 2 states show in-context
+    # learning in minutes
+    'tiny': {
+        'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
+                    learning_rate=3e-3, min_lr=3e-4, beta2=0.95, max_iters=300, warmup_iters=30,
+                    lr_decay_iters=300, eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000,
+                    num_val_rules=200),
+        'nca': dict(n_states=2, gzip_lower=0.1, block_size=512, batch_size=4, max_iters=1000, warmup_iters=50,
+                    lr_decay_iters=1000, eval_interval=250, eval_iters=8, log_interval=50),
+        'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
+    # one GPU: GPT-2 small's depth and width (113M parameters without embedding and head) on the
+    # paper's 164M NCA tokens
+    'small': {
+        'all': dict(n_layer=12, n_head=12, n_embd=768, beta2=0.95, compile=True, eval_interval=500),
+        'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
+        'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
+        'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4, weight_decay=1e-4,
+                   max_iters=5000, warmup_iters=500, lr_decay_iters=5000, min_lr=6e-5),
+        'sft': FINETUNE},
+    # the paper: 1.6B parameters; NCA: Adam 1e-4, 32 x 1024 tokens, 5,000 updates, stop at the end
+    # of warm-up
+    'paper': {
+        'all': dict(n_layer=24, n_head=32, n_embd=2048, recipe='authors', compile=True, eval_interval=500),
+        'nca': dict(stop_at_peak=True),
+        'dyck': dict(stop_at_peak=True),
+        'lm': PAPER_LM,
+        'sft': FINETUNE},
+}
+# Recipes, applied after the preset: --recipe=authors trains as the authors' code (commit bdd1c71)
+# does, stage by stage: utils/models.py (HF's Llama init, N(0, 0.02), no residual scaling; the
+# stage-1 head nn.Linear(d, 64000) with a bias; stage 2's new nn.Embedding / nn.Linear at torch's
+# defaults), src/nca_ppt.py (Adam, no clipping), src/openwebtext_pt.py (AdamW on every parameter,
+# the summed micro-step losses clipped at 1.0, fp16), utils/util.py (warm-up from 0, cosine to 0),
+# models.py's attention_dropout=0.1. The command line still wins.
+AUTHORS_STAGE1 = dict(head_bias=True, pad_vocab=64000, grad_clip=0.0, weight_decay=0.0, nca_loss='all',
+                      rule_resample=0)
+AUTHORS_STAGE2 = dict(emb_init='torch', pad_vocab=1, clip_sum=True, grad_clip=1.0, weight_decay=1e-4,
+                      dtype='float16')
+AUTHORS_ALL = dict(beta2=0.999, dropout=0.1, scale_residual=False, decay_all=True, warmup_zero=True, min_lr=0.0)
+RECIPES = {
+    'project': {},
+    'authors': {'all': AUTHORS_ALL, 'nca': AUTHORS_STAGE1, 'dyck': AUTHORS_STAGE1, 'lm': AUTHORS_STAGE2,
+                'sft': AUTHORS_STAGE2},
+}
+CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'], 'recipe': list(RECIPES),
+           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto'],
+           'emb_init': ['normal', 'torch']}
 
 
-def open_log(path, step):
-    """log.jsonl, one JSON object a line; on resume the lines after the checkpoint's step are dropped."""
-    kept = [line for line in open(path) if json.loads(line)['step'] <= step] if step and os.path.exists(path) else []
-    log = open(path, 'w')
-    log.writelines(kept)
-    return log
+# ==== Appendix: the command line ================================================
+SCRIPT = 'nca_gpt.py'  # what this script's errors start with (die); eval.py, checking NCA options, sets its own
+command_line = []      # main(): this run's arguments, for the command that resumes it
+progress = {}          # train(): the step reached and the last checkpoint's, for the messages on Ctrl-C
 
 
-def log_write(log, record):
-    log.write(json.dumps(record) + '\n')
-    log.flush()
+def configure(argv):
+    """Resolve the config once, in the README's order: the values above < the preset (its 'all', then the
+    stage's) < the recipe < the command line; then the run's length. A length given (--max_iters, --max_tokens,
+    --epochs) keeps the preset's warm-up and decay as shares of it. Sets the module's values -> notes to print."""
+    overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, CHOICES)
+    if rest:
+        die(f"unexpected argument {rest[0]!r}: options look like --key=value")
+    lengths = [k for k in ('max_iters', 'max_tokens', 'epochs') if k in overrides]
+    if len(lengths) > 1:
+        die(f"--{lengths[0]} and --{lengths[1]} both set the run's length: give one")
+    this_stage = overrides.get('stage', stage)
+    name = overrides.get('preset', preset) or ('small' if devices()[0] == 'cuda' else 'tiny')
+    values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(this_stage, {})}
+    values['recipe'] = overrides.get('recipe', values.get('recipe', recipe))
+    values.update(RECIPES[values['recipe']].get('all', {}), **RECIPES[values['recipe']].get(this_stage, {}))
+    if not (overrides.get('device') or devices()[0]).startswith('cuda'):
+        values['compile'] = False  # compiling pays on a GPU only (--compile=true still asks for it)
+        values.pop('dtype', None)  # and a recipe's fp16 is a GPU's: a CPU trains in float32 (unless --dtype says)
+    notes = preset_notes(name, values, overrides)
+    globals().update(values, preset=name)
+    shares = {k: globals()[k] / max(max_iters, 1) for k in ('warmup_iters', 'lr_decay_iters') if k not in overrides}
+    if lengths:
+        globals()['epochs'] = 0.0  # a length given beats the preset's epochs
+    globals().update(overrides)
+    check_ranges()
+    set_length(shares)
+    if not out_dir:
+        globals()['out_dir'] = f'out-{stage}'
+    return notes
 
 
-def peak_flops_per_s(device):
-    """bf16 dense peak of the GPU, for MFU; None where unknown."""
-    name = torch.cuda.get_device_name(device) if device.startswith('cuda') else 'none'
-    return next((f for key, f in [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12),
-                                  ('4090', 165e12)] if key in name), None)
+def preset_notes(name, values, overrides):
+    """What the first line of a run says about its preset."""
+    notes = []
+    if not overrides.get('preset', preset):
+        note = f"no --preset given: {name}"
+        if name == 'tiny':
+            note += " (no GPU here: a few minutes on a CPU; --preset=small or paper for real runs)"
+        notes.append(note)
+    preset_data = any(k in values and k not in overrides for k in ('n_states', 'gzip_lower'))
+    if preset_data and 'band' not in overrides:
+        now = {**globals(), **values, **overrides}
+        notes.append(f"the {name} preset's NCA data is NOT the paper's: {now['n_states']} states, gzip band "
+                     f"({now['gzip_lower']}, {now['gzip_upper']}), so that a CPU shows in-context learning in "
+                     f"minutes (the paper's: --n_states=10 --gzip_lower=0.5)")
+    return '; '.join(notes)
 
 
-def memory_needed(model, act_bytes):
-    """Rough bytes of a training step (tests hold it within 2x of a measured peak): 16 a parameter (fp32 weights,
-    gradients, AdamW's two moments); per token, what backward keeps: ~27 x width per layer in the compute dtype (the
-    matmuls' inputs, q, k, v, SwiGLU's gate and up) plus 2 x width in fp32 (the norms'), and the logits 3 times."""
-    C, V = model.wte.embedding_dim, model.head.out_features
-    per_token = model.n_layer * C * (27 * act_bytes + 8) + V * (act_bytes + 8)
-    return 16 * sum(p.numel() for p in model.parameters()) + batch_size * block_size * per_token
+def set_length(shares):
+    """The run's updates (given, or from a token budget, or passes over the data), then its schedule: warm-up
+    and decay as `shares` of it where they were not given."""
+    global max_iters, warmup_iters, lr_decay_iters
+    if max_tokens:
+        max_iters = -(-max_tokens // tokens_per_iter())
+    elif epochs:  # an epoch: every training rule once (nca), every example once (sft)
+        n_examples = num_rules if stage == 'nca' else count_examples(data_file('train'))
+        max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
+    if 'warmup_iters' in shares:
+        warmup_iters = round(shares['warmup_iters'] * max_iters)
+    if 'lr_decay_iters' in shares:
+        lr_decay_iters = round(shares['lr_decay_iters'] * max_iters)
+    lr_decay_iters = lr_decay_iters or max_iters
+    if stop_at_peak:
+        warmup_iters = lr_decay_iters = max_iters
 
 
-def free_memory(device):
-    """Bytes free on the device: the GPU's, or the RAM available to a CPU run; None where unknown."""
-    if device.startswith('cuda'):
-        return torch.cuda.mem_get_info(device)[0]
-    if device == 'cpu' and os.path.exists('/proc/meminfo'):
-        return next((int(line.split()[1]) * 1024 for line in open('/proc/meminfo') if line.startswith('MemAvailable:')), None)
-    return None
+def count_examples(path):
+    return sum(1 for line in open(path) if line.strip())  # sft_examples' rows
 
 
-# ==== Command line ===========================================================
-def atomic_write(path, write):
-    """write(tmp_path) then rename: a file is either whole or absent, never half-written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def check_ranges():
+    """Values that must be at least 1, or at least 0: checked before the run's length is worked out from them."""
+    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps',
+            'n_layer', 'n_head', 'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'rule_hidden1',
+            'rule_hidden2', 'gzip_frames', 'num_rules', 'num_val_rules', 'dyck_k', 'dyck_depth', 'pad_vocab')
+    zeros = ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
+             'weight_decay', 'grad_clip', 'burn_in', 'temperature', 'rule_resample', 'dropout', 'dyck_p_open')
+    for k in ones:
+        if globals()[k] < 1:
+            die(f"--{k}={globals()[k]} must be at least 1")
+    for k in zeros:
+        if globals()[k] < 0:
+            die(f"--{k}={globals()[k]} must be 0 or more")
+
+
+def check_config():
+    """Every bad value is a one-line error here, before any work starts."""
+    check_ranges()
+    check_device(device)
+    heads = ', '.join(str(h) for h in range(1, n_embd // 2 + 1) if n_embd % (2 * h) == 0)
+    n_patch_tokens = n_states ** (patch * patch)
+    for bad, message in [
+            (n_states < 2, f"--n_states={n_states}: a cell needs at least 2 states to change"),
+            (grid % patch, f"--grid={grid} is not a multiple of --patch={patch}: a frame is (grid / patch)^2 "
+                           f"patches (e.g. --grid={grid - grid % patch or patch})"),
+            (n_patch_tokens > 2 ** 16, f"--n_states={n_states} with --patch={patch} gives "
+                                       f"{n_states}^{patch * patch} patch tokens, over 2^16: 2x2 patches take "
+                                       f"up to 16 states (10: 10^4 tokens), 3x3 up to 3, 4x4 only 2"),
+            (n_embd % n_head or n_embd // n_head % 2, f"--n_embd={n_embd} is not --n_head={n_head} heads of an "
+                                                       f"even width (rotary positions turn pairs): --n_head can "
+                                                       f"be {heads}"),
+            (stage == 'nca' and block_size < 2 * frame_len() - 1, f"--block_size={block_size} is shorter than "
+                                                                   f"two frames of {frame_len()} tokens (the "
+                                                                   f"first is context only): give at least "
+                                                                   f"{2 * frame_len() - 1}"),
+            (gzip_lower >= gzip_upper, f"the band --gzip_lower={gzip_lower} --gzip_upper={gzip_upper} is empty: "
+                                       "the lower bound must be below the upper"),
+            (dropout >= 1 or dyck_p_open > 1, "--dropout must be below 1 and --dyck_p_open at most 1"),
+            (epochs and stage not in ('nca', 'sft'), "--epochs applies to the nca and sft stages: give "
+                                                     "--max_iters or --max_tokens")]:
+        if bad:
+            die(message)
+    if stage in ('lm', 'sft'):
+        data_file('train')
+        data_file('val')
+
+
+def check_device(name, script='nca_gpt.py'):
+    if name not in devices():
+        die(f"--device={name} is not available on this machine (it has {', '.join(devices())}): leave "
+            f"--device out to use {devices()[0]}", script)
+
+
+def devices():
+    """What --device can name on this machine, the best first."""
+    cuda = []
+    if torch.cuda.is_available():
+        cuda = [f'cuda:{i}' for i in range(torch.cuda.device_count())]
+    return ['cuda'] * bool(cuda) + ['mps'] * torch.backends.mps.is_available() + ['cpu'] + cuda
+
+
+def default_dtype(device_type):
+    if device_type == 'cuda' and torch.cuda.is_bf16_supported():
+        return 'bfloat16'
+    return 'float32'
+
+
+def auto_band():
+    """--band=auto: the band of --dataset's gzip ratio as prepare_data.py measured it: the ratio rounded to 0.1
+    is its lower end, 0.5 or more takes the paper's (0.5, 1.0) (docs/comparisons.md: that fits the paper's web
+    text and code)."""
+    global gzip_lower, gzip_upper
+    if n_states != 10:
+        die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
+    measured = dataset_meta(data_dir, dataset).get('gzip_ratio') or {}
+    if measured.get('tokens') != 'gpt2':  # the filter's convention: int32 GPT-2 ids
+        die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it again (online "
+            f"once, for GPT-2's tokenizer), or give --gzip_lower and --gzip_upper")
+    gzip_lower = min(0.5, round(measured['median'], 1))
+    gzip_upper = 1.0
+    if gzip_lower < 0.5:
+        gzip_upper = round(gzip_lower + 0.1, 1)
+    print(f"--band=auto: {dataset}'s gzip ratio is {measured['median']:.3f}, so rules in "
+          f"({gzip_lower}, {gzip_upper})")
 
 
 def die(msg, script=None):
@@ -1025,7 +1309,9 @@ def die(msg, script=None):
 def parse_args(argv, config, choices=None, script='nca_gpt.py'):
     """--key=value or --key value -> (overrides, positional args), checked against the names, types and
     choices of `config` (a dict of defaults). Shared by the three scripts."""
-    choices, overrides, rest, args = choices or {}, {}, [], list(argv)
+    choices = choices or {}
+    overrides, rest, args = {}, [], list(argv)
+    bools = {'true': True, '1': True, 'false': False, '0': False}
     while args:
         arg = args.pop(0)
         if not arg.startswith('--'):
@@ -1040,8 +1326,10 @@ def parse_args(argv, config, choices=None, script='nca_gpt.py'):
             die(f"unknown option --{key}; valid options: {', '.join('--' + k for k in config)}", script)
         default = config[key]
         try:
-            bools = {'true': True, '1': True, 'false': False, '0': False}
-            value = bools[val.lower()] if isinstance(default, bool) else type(default)(val)
+            if isinstance(default, bool):
+                value = bools[val.lower()]
+            else:
+                value = type(default)(val)
         except (KeyError, ValueError):
             die(f"--{key}={val} is not a valid {type(default).__name__}", script)
         if key in choices and value not in choices[key]:
@@ -1050,100 +1338,209 @@ def parse_args(argv, config, choices=None, script='nca_gpt.py'):
     return overrides, rest
 
 
-def configure(argv):
-    """Apply a preset, then the command line, to the config at the top of this file. -> the preset's note."""
-    global schedule_shares
-    overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, CHOICES)
-    if rest:
-        die(f"unexpected argument {rest[0]!r}: options look like --key=value")
-    lengths = [k for k in ('max_iters', 'max_tokens', 'epochs') if k in overrides]
-    if len(lengths) > 1:
-        die(f"--{lengths[0]} and --{lengths[1]} both set the run's length: give one")
-    note = apply_preset(overrides)
-    # a length given beats the preset's epochs; the preset's warm-up and decay keep their shares of it (README: Presets)
-    schedule_shares = {k: globals()[k] / max(max_iters, 1) for k in ('warmup_iters', 'lr_decay_iters') if k not in overrides}
-    globals().update({'epochs': 0.0} if lengths else {}, **overrides)
-    return note
+# ==== Appendix: files ===========================================================
+def atomic_write(path, write):
+    """write(tmp_path) then rename: a file is either whole or absent, never half-written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def check_config():
-    """Every bad value is a one-line error here, before any work starts."""
-    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps', 'n_layer',
-            'n_head', 'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'gzip_frames', 'num_rules', 'num_val_rules',
-            'dyck_k', 'dyck_depth', 'pad_vocab')
-    for k in ones + ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
-                     'weight_decay', 'grad_clip', 'burn_in', 'temperature', 'rule_resample', 'dropout', 'dyck_p_open'):
-        if globals()[k] < (k in ones):
-            die(f"--{k}={globals()[k]} must be " + ('at least 1' if k in ones else '0 or more'))
-    check_device(device)
-    heads = ', '.join(str(h) for h in range(1, n_embd // 2 + 1) if n_embd % (2 * h) == 0)
-    for bad, message in [
-            (n_states < 2, f"--n_states={n_states}: a cell needs at least 2 states to change"),
-            (grid % patch, f"--grid={grid} is not a multiple of --patch={patch}: a frame is (grid / patch)^2 patches "
-                           f"(e.g. --grid={grid - grid % patch or patch})"),
-            (patch * patch * math.log(n_states) > math.log(2 ** 16) + 1e-9, f"--n_states={n_states} with --patch={patch} "
-             f"gives {n_states}^{patch * patch} patch tokens, over 2^16: 2x2 patches take up to 16 states (10: 10^4 tokens), "
-             f"3x3 up to 3, 4x4 only 2"),
-            (n_embd % n_head or n_embd // n_head % 2, f"--n_embd={n_embd} is not --n_head={n_head} heads of an even "
-                                                       f"width (rotary positions turn pairs): --n_head can be {heads}"),
-            (stage == 'nca' and block_size < 2 * frame_len() - 1, f"--block_size={block_size} is shorter than two frames "
-             f"of {frame_len()} tokens (the first is context only): give at least {2 * frame_len() - 1}"),
-            (gzip_lower >= gzip_upper, f"the band --gzip_lower={gzip_lower} --gzip_upper={gzip_upper} is empty: the "
-                                       "lower bound must be below the upper"),
-            (dropout >= 1 or dyck_p_open > 1, "--dropout must be below 1 and --dyck_p_open at most 1"),
-            (epochs and stage not in ('nca', 'sft'), "--epochs applies to the nca and sft stages: give --max_iters or "
-                                                     "--max_tokens")]:
-        if bad:
-            die(message)
-    if stage in ('lm', 'sft'):
-        data_file('train'), data_file('val')
+def write_or_stop(path, write):
+    """atomic_write, or, where the write fails (a full disk, a file-size limit, no permission), one line that
+    says what failed, what is intact and how to go on."""
+    try:
+        atomic_write(path, write)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        stop_on_failed_write(path, e)
 
 
-def check_device(name, script='nca_gpt.py'):
-    if name not in devices():
-        die(f"--device={name} is not available on this machine (it has {', '.join(devices())}): leave --device out "
-            f"to use {devices()[0]}", script)
+def stop_on_failed_write(path, error):
+    folder = os.path.dirname(os.path.abspath(path))
+    if isinstance(error, OSError) and error.errno:
+        reason = os.strerror(error.errno).lower()
+    elif os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20:
+        reason = "the disk is full"
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    saved = progress.get('saved')
+    ckpt = os.path.join(out_dir, 'ckpt.pt')
+    if saved is not None:
+        what = f"{ckpt} still holds step {saved}, whole; make room, then continue with: {resume_command()}"
+    else:
+        what = "no checkpoint was written yet; make room, then run the same command again"
+    die(f"cannot write {path} ({reason}); {what}")
 
 
-def devices():
-    """What --device can name on this machine, the best first."""
-    cuda = [f'cuda:{i}' for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return ['cuda'] * bool(cuda) + ['mps'] * torch.backends.mps.is_available() + ['cpu'] + cuda
+def resume_command():
+    """This run's command line with --init_from=resume (and its --out_dir) in place of --init_from."""
+    args, skip = [], False
+    for a in command_line:
+        if skip:  # the value of a dropped --key value
+            skip = False
+        elif a in ('--init_from', '--out_dir'):
+            skip = True
+        elif not a.startswith(('--init_from=', '--out_dir=')):
+            args.append(a)
+    return ' '.join(['python', SCRIPT, *args, f'--out_dir={out_dir}', '--init_from=resume'])
 
 
-def auto_band():
-    """--band=auto: the band of --dataset's gzip ratio as prepare_data.py measured it: the ratio rounded to 0.1 is its
-    lower end, 0.5 or more takes the paper's (0.5, 1.0) (docs/comparisons.md: that fits the paper's web text and code)."""
-    global gzip_lower, gzip_upper
-    if n_states != 10:
-        die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
-    measured = dataset_meta(data_dir, dataset).get('gzip_ratio') or {}
-    if measured.get('tokens') != 'gpt2':  # the filter's convention: int32 GPT-2 ids
-        die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it again (online once, "
-            f"for GPT-2's tokenizer), or give --gzip_lower and --gzip_upper")
-    gzip_lower = min(0.5, round(measured['median'], 1))
-    gzip_upper = 1.0 if gzip_lower == 0.5 else round(gzip_lower + 0.1, 1)
-    print(f"--band=auto: {dataset}'s gzip ratio is {measured['median']:.3f}, so rules in ({gzip_lower}, {gzip_upper})")
+def load_checkpoint(path):
+    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path  # a run's out_dir will do
+    if not os.path.exists(path):
+        die(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        die(f"cannot read the checkpoint {path}: {type(e).__name__}: {e}")
+
+
+def open_log(path, step):
+    """log.jsonl, one JSON object a line; on resume the lines after the checkpoint's step are dropped."""
+    kept = []
+    if step and os.path.exists(path):
+        kept = [line for line in open(path) if json.loads(line)['step'] <= step]
+    try:
+        log = open(path, 'w')
+        log.writelines(kept)
+        log.flush()
+    except OSError as e:
+        stop_on_failed_write(path, e)
+    return log
+
+
+def log_write(log, record):
+    try:
+        log.write(json.dumps(record) + '\n')
+        log.flush()
+    except OSError as e:
+        stop_on_failed_write(log.name, e)
+
+
+def write_run_file(model_args):
+    """out_dir/run.json, written as the run starts: what eval.py compare needs once the checkpoints are gone."""
+    run = dict(config={k: globals()[k] for k in config_keys}, stage=stage, vocab=vocab, model_args=model_args)
+    path = os.path.join(out_dir, 'run.json')
+    write_or_stop(path, lambda tmp: json.dump(run, open(tmp, 'w'), indent=1))
+
+
+# ==== Appendix: what a run prints ================================================
+def print_transfer(source, keep):
+    line = f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
+    if keep:
+        line += "embedding and head kept"
+    else:
+        line += f"embedding and head fresh for {vocab['kind']}"
+    if reinit:
+        line += f"; reinit {reinit}"
+    if freeze:
+        line += f"; frozen {freeze}"
+    print(line)
+    theirs = source.get('config', {}).get('recipe', 'project')
+    if theirs != recipe:
+        print(f"recipes differ: {init_from} was trained under --recipe={theirs}, this stage runs under "
+              f"--recipe={recipe}")
+
+
+def print_run(model, world, iter_num):
+    os.makedirs(out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_blocks = n_params - 2 * model.wte.weight.numel()
+    print(f"stage {stage}, preset {preset}, {device} {dtype}, recipe {recipe}, {world} process(es); "
+          f"{n_params / 1e6:.2f}M parameters ({n_blocks / 1e6:.2f}M without embedding and head)")
+    print(f"{max_iters} updates x {tokens_per_iter():,} tokens = {max_iters * tokens_per_iter() / 1e6:,.1f}M "
+          f"tokens, from step {iter_num}; lr: warm-up {warmup_iters} steps, cosine to step {lr_decay_iters}; "
+          f"writing to {out_dir}/")
+    print('config: ' + ' '.join(f"{k}={globals()[k]}" for k in config_keys))
+
+
+def print_evaluation(it, stats):
+    line = (f"step {it}: val loss {stats['val_loss']:.4f} +- {stats['val_loss_se']:.4f} over {eval_iters} "
+            f"fixed batches (ppl {math.exp(min(stats['val_loss'], 50)):.2f})")
+    fl = stats.get('frame_loss')  # nca
+    if fl:
+        line += (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
+                 f" | next-frame acc {stats['next_frame_acc']:.1%} (copying the last frame: "
+                 f"{stats['copy_frame_acc']:.1%})")
+    print(line)
+
+
+# ==== Appendix: devices and memory ===============================================
+def check_memory(model, act_bytes, master):
+    need, free = memory_needed(model, act_bytes), free_memory(device)
+    if master:
+        line = (f"memory: about {need / 2**30:.2f} GiB needed on {device} (a rough estimate: weights, gradients, "
+                f"AdamW, activations of {batch_size} sequences)")
+        if free:
+            line += f"; {free / 2**30:.1f} GiB free"
+        print(line)
+    if free and need > 2 * free:  # beyond the estimate's own error: it clearly cannot fit
+        die(f"this run needs about {need / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} GiB free: lower "
+            f"--batch_size (raise --gradient_accumulation_steps to keep the update the same)")
+
+
+def memory_needed(model, act_bytes):
+    """Rough bytes of a training step (tests hold it within 2x of a measured peak): 16 a parameter (fp32
+    weights, gradients, AdamW's two moments); per token, what backward keeps: ~27 x width per layer in the
+    compute dtype (the matmuls' inputs, q, k, v, SwiGLU's gate and up) plus 2 x width in fp32 (the norms'),
+    and the logits 3 times."""
+    C, V = model.wte.embedding_dim, model.head.out_features
+    per_token = model.n_layer * C * (27 * act_bytes + 8) + V * (act_bytes + 8)
+    return 16 * sum(p.numel() for p in model.parameters()) + batch_size * block_size * per_token
+
+
+def free_memory(device):
+    """Bytes free on the device: the GPU's, or the RAM available to a CPU run; None where unknown."""
+    if device.startswith('cuda'):
+        return torch.cuda.mem_get_info(device)[0]
+    if device == 'cpu' and os.path.exists('/proc/meminfo'):
+        for line in open('/proc/meminfo'):
+            if line.startswith('MemAvailable:'):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_flops_per_s(device):
+    """bf16 dense peak of the GPU, for MFU; None where unknown."""
+    if not device.startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    peaks = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12), ('4090', 165e12)]
+    return next((f for key, f in peaks if key in name), None)
 
 
 def main(argv):
     global device
+    command_line[:] = argv
     note = configure(argv)
     device = device or devices()[0]
     check_config()
-    if note and int(os.environ.get('RANK', 0)) == 0:
+    master = int(os.environ.get('RANK', 0)) == 0
+    if note and master:
         print(note)
     if band == 'auto':
         auto_band()
     try:
         train()
     except KeyboardInterrupt:  # Ctrl-C: one line on where to go on (a checkpoint is written whole or not at all)
-        saved = progress.get('saved')
-        if int(os.environ.get('RANK', 0)) == 0:
-            print("nca_gpt.py: interrupted" + (f" at step {progress['step']}; " + (f"{out_dir}/ckpt.pt holds step {saved}: "
-                  "add --init_from=resume to continue from it" if saved is not None else "no checkpoint yet")
-                  if progress else ''), file=sys.stderr)
+        if master:
+            print(f"{SCRIPT}: interrupted{interrupted_at()}", file=sys.stderr)
         sys.exit(130)
+
+
+def interrupted_at():
+    if not progress:
+        return ''
+    saved = progress.get('saved')
+    if saved is None:
+        return f" at step {progress['step']}; no checkpoint yet"
+    return (f" at step {progress['step']}; {out_dir}/ckpt.pt holds step {saved}: add --init_from=resume to "
+            f"continue from it")
 
 
 if __name__ == '__main__':

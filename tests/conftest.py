@@ -14,7 +14,6 @@ def nca(monkeypatch):
     for k in nca_gpt.config_keys:
         monkeypatch.setattr(nca_gpt, k, getattr(nca_gpt, k))
     monkeypatch.setattr(nca_gpt, 'device', 'cpu')
-    monkeypatch.setattr(nca_gpt, 'schedule_shares', {})  # configure() sets it; run_length() applies it
     nca_gpt._rule_sets.clear()
     return nca_gpt
 
@@ -37,3 +36,15 @@ def pytest_collection_modifyitems(config, items):
 # NCA_TIKTOKEN_CACHE at a folder that holds them (README: Installing)
 if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.environ.get('NCA_TIKTOKEN_CACHE'):
     os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(os.environ['NCA_TIKTOKEN_CACHE'])
+
+
+@pytest.fixture(scope='session')
+def gpt2_ranks():
+    """For a test that needs GPT-2's tokenizer: skipped, in one line that says how to provide the ranks, where
+    tiktoken can neither find them in its cache nor fetch them (offline). CI sets TIKTOKEN_CACHE_DIR: it runs all."""
+    import tiktoken
+    try:
+        tiktoken.get_encoding('r50k_base')
+    except Exception as e:  # offline: requests' ConnectionError, a proxy's error
+        pytest.skip(f"GPT-2's ranks are unavailable ({type(e).__name__}): put r50k_base.tiktoken in a folder as "
+                    f"0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4 and set TIKTOKEN_CACHE_DIR to it (README: Installing)")

@@ -17,7 +17,7 @@ from conftest import ROOT
 def small_rollout(nca, R=6, steps=5, temperature=0.0, first=0):
     keys, rules = nca.candidate_rules('train', 0, first, R)
     grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), nca.n_states, nca.grid)
-    return rules, grid0, keys, nca.rollout(rules, grid0, steps, keys, temperature)
+    return rules, grid0, keys, nca.rollout(nca.unpack_rules(rules, nca.n_states), grid0, steps, keys, temperature)
 
 
 def test_shapes_and_ranges(nca):
@@ -84,7 +84,7 @@ def test_rollout_draws_every_cell_as_the_plain_rollout(nca, temperature, identit
         w3[:, 1] = w3[:, 0]
     grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), n, size)
     noise = nca.make_key(keys, nca.NOISE)
-    frames = nca.rollout(rules, grid0, 20, noise, temperature, identity_bias)
+    frames = nca.rollout(nca.unpack_rules(rules, n), grid0, 20, noise, temperature, identity_bias)
     assert torch.equal(frames, plain_rollout(nca, rules, grid0, 20, noise, temperature, identity_bias))
 
 
@@ -109,7 +109,7 @@ def test_tokens_to_grids_round_trip(nca):
 @pytest.mark.parametrize('shift', [(1, 0), (0, 5), (7, 11)])
 def test_torus_equivariance(nca, shift):
     rules, grid0, keys, frames = small_rollout(nca, steps=8)
-    shifted = nca.rollout(rules, grid0.roll(shift, dims=(1, 2)), 8, keys, 0.0)
+    shifted = nca.rollout(nca.unpack_rules(rules, nca.n_states), grid0.roll(shift, dims=(1, 2)), 8, keys, 0.0)
     assert torch.equal(shifted, frames.roll(shift, dims=(2, 3)))
     assert not torch.equal(frames[:, 1:], frames[:, :1].expand_as(frames[:, 1:]))  # the grids do move
 

@@ -63,7 +63,6 @@ def hand_update(nca, args, clip_sum):
     nca.configure(args)
     nca.device = 'cpu'
     nca.vocab = nca.stage_vocab()
-    nca.run_length()
     torch.manual_seed(nca.seed)  # as train() does before building the model
     model = nca.GPT(vocab_size=-(-nca.vocab['size'] // 64) * 64, n_layer=nca.n_layer, n_head=nca.n_head,
                     n_embd=nca.n_embd, block_size=nca.block_size)
@@ -173,13 +172,11 @@ PAPER = [
 @pytest.mark.parametrize('stage,key,value,source', PAPER, ids=[f'{s}-{k}' for s, k, *_ in PAPER])
 def test_paper_preset_is_the_authors_scripts(nca, stage, key, value, source):
     nca.configure([f'--stage={stage}', '--preset=paper', '--device=cuda'])
-    nca.run_length()
     assert getattr(nca, key) == value, source
 
 
 def test_paper_preset_warmup_is_a_tenth(nca):
     nca.configure(['--stage=lm', '--preset=paper', '--device=cuda'])
-    nca.run_length()
     assert nca.warmup_iters == nca.max_iters // 10 and nca.lr_decay_iters == nca.max_iters  # owt_ft.sh: --warmup 0.1
 
 

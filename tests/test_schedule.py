@@ -36,7 +36,6 @@ def test_get_lr_warmup_from_zero(nca):
 def test_stop_at_peak_warms_up_over_the_whole_run(nca):
     nca.configure(['--preset=tiny', '--stage=nca', '--max_iters=40', '--learning_rate=1e-3', '--stop_at_peak=true',
                    '--warmup_iters=7', '--lr_decay_iters=400', '--min_lr=1e-5'])  # both overruled by --stop_at_peak
-    nca.run_length()
     assert (nca.max_iters, nca.warmup_iters, nca.lr_decay_iters) == (40, 40, 40)
     lrs = [nca.get_lr(it) for it in range(40)]  # the updates are steps 0..39
     assert lrs == pytest.approx([1e-3 * (it + 1) / 41 for it in range(40)], rel=1e-12)  # rising all the way, no decay

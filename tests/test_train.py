@@ -271,7 +271,6 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
 ])
 def test_the_schedule_follows_the_length(nca, args, want):
     nca.configure(['--preset=tiny', *args])
-    nca.run_length()
     assert (nca.max_iters, nca.warmup_iters, nca.lr_decay_iters) == want
 
 
