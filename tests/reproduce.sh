@@ -11,7 +11,10 @@
 #   SEEDS="1 2" RECIPES=A OUT=out-repro bash tests/reproduce.sh
 #   SWEEP=1 bash tests/reproduce.sh      # then the band sweep: bands 0.2-0.3, 0.3-0.4, 0.4-0.5 beside 0.5-1.0
 #   RECIPES=C ARMS_ONLY="scratch nca shuffled" bash tests/reproduce.sh   # stage 2 three times B's length
+#   EXTRA="--max_iters=4 --eval_interval=2" DATA_DIR=/tmp/data bash tests/reproduce.sh   # a smoke test
 #
+# EXTRA: flags appended to every nca_gpt.py command (tests/test_eval_files.py makes the runs tiny with it);
+# DATA_DIR: where prepare_data.py writes pystdlib and stage 2 reads it (default: nca_gpt.py's, data/).
 # A finished run (out_dir/done) is skipped, so a killed reproduction continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,9 @@ OUT=${OUT:-out-repro}
 SEEDS=${SEEDS:-1 2 3}
 RECIPES=${RECIPES:-A B}
 PY=${PY:-python}
+EXTRA=${EXTRA:-}
+DATA_DIR=${DATA_DIR:-}
+DATA_FLAG=${DATA_DIR:+ --data_dir=$DATA_DIR}   # empty by default: the commands stay as --list prints them
 # the model of both stages: the tiny preset's shape (2 layers, width 128, 4 heads, context 256), 8 sequences a step
 MODEL="--preset=tiny --n_layer=2 --n_head=4 --n_embd=128 --block_size=256 --batch_size=8 --eval_iters=8"
 # stage 1: 100 updates (0.2M tokens), linear warm-up to 1e-3 and stopped there, at the peak (the paper's schedule)
@@ -53,7 +59,7 @@ fi
 commands() {  # one line per run: its out_dir, then its command
   for s in $SEEDS; do
     for item in "${STAGE1[@]}"; do
-      echo "$OUT/s1-${item%%:*}-s$s|$PY nca_gpt.py $S1 ${item#*:} --seed=$s --out_dir=$OUT/s1-${item%%:*}-s$s"
+      echo "$OUT/s1-${item%%:*}-s$s|$PY nca_gpt.py $S1 ${item#*:} --seed=$s --out_dir=$OUT/s1-${item%%:*}-s$s${EXTRA:+ $EXTRA}"
     done
   done
   for r in $RECIPES; do
@@ -61,7 +67,7 @@ commands() {  # one line per run: its out_dir, then its command
       for item in "${ARMS[@]}"; do
         IFS=: read -r name from flags <<< "$item"
         init=${from:+--init_from=$OUT/s1-$from-s$s $flags}
-        echo "$OUT/$r-$name-s$s|$PY nca_gpt.py --stage=lm --dataset=pystdlib ${S2[$r]} --seed=$s $init --out_dir=$OUT/$r-$name-s$s"
+        echo "$OUT/$r-$name-s$s|$PY nca_gpt.py --stage=lm --dataset=pystdlib${DATA_FLAG} ${S2[$r]} --seed=$s $init --out_dir=$OUT/$r-$name-s$s${EXTRA:+ $EXTRA}"
       done
     done
   done
@@ -71,14 +77,19 @@ if [ "${1:-}" = --list ]; then
   commands
   exit 0
 fi
-[ -f data/pystdlib/meta.json ] || $PY prepare_data.py pystdlib --tokenizer=bytes
+[ -f "${DATA_DIR:-data}/pystdlib/meta.json" ] || $PY prepare_data.py pystdlib --tokenizer=bytes$DATA_FLAG
 commands | while IFS='|' read -r dir cmd; do
   if [ -f "$dir/done" ]; then echo "done already: $dir"; continue; fi
   echo "+ $cmd"
-  $cmd > /dev/null && touch "$dir/done"
+  # a failed run stops the reproduction, said: the runs after it would start from nothing
+  $cmd > /dev/null || { echo "reproduce.sh: this run failed (its error is above): $cmd" >&2; exit 1; }
+  touch "$dir/done"
 done
-for r in $RECIPES; do  # the sweep's arms beside the main comparison's scratch and NCA (band 0.5-1.0) runs
-  arms=$( [ -n "$TAG" ] && echo "scratch=$OUT/$r-scratch-s*,nca=$OUT/$r-nca-s*," )
+for r in $RECIPES; do
+  arms=""
+  if [ -n "$TAG" ]; then  # the sweep's arms beside the main comparison's scratch and NCA (band 0.5-1.0)
+    arms="scratch=$OUT/$r-scratch-s*,nca=$OUT/$r-nca-s*"
+  fi
   for item in "${ARMS[@]}"; do arms="$arms${arms:+,}${item%%:*}=$OUT/$r-${item%%:*}-s*"; done
-  $PY eval.py compare --runs="${arms/,,/,}" --baseline=scratch --out="$OUT/compare-$r$TAG.json" --png="$OUT/compare-$r$TAG.png"
+  $PY eval.py compare --runs="$arms" --baseline=scratch --out="$OUT/compare-$r$TAG.json" --png="$OUT/compare-$r$TAG.png"
 done

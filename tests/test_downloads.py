@@ -37,7 +37,7 @@ def serve_listed(server, shards, sha=True):
     return [f'{RESOLVE}/file-{i + 1:012d}.json.gz' for i in range(len(shards))]
 
 
-def test_a_download_is_checked_against_the_listings_sha256(server, tmp_path):
+def test_a_download_is_checked_against_the_listings_sha256(server, tmp_path, gpt2_ranks):
     paths = serve_listed(server, [DOCS[:30], DOCS[30:]])
     good = server.files[paths[0]]
     server.files[paths[0]] = good[:-8] + bytes(b ^ 0xFF for b in good[-8:])  # same size, other bytes
@@ -52,7 +52,7 @@ def test_a_download_is_checked_against_the_listings_sha256(server, tmp_path):
     assert [f['sha256'] for f in meta['fetched']] == [hashlib.sha256(server.files[q]).hexdigest() for q in paths]
 
 
-def test_a_server_that_ignores_range_is_read_from_the_start(server, tmp_path):
+def test_a_server_that_ignores_range_is_read_from_the_start(server, tmp_path, gpt2_ranks):
     paths = serve_listed(server, [DOCS])
     server.faults[paths[0]] = ['cut', 'norange']  # cut half-way; then the resume's Range is ignored: 200, whole file
     p = run(server, 'codeparrot', data_dir=tmp_path)
@@ -63,7 +63,7 @@ def test_a_server_that_ignores_range_is_read_from_the_start(server, tmp_path):
     assert read_bin(tmp_path, 'codeparrot', 'train') == expected_tokens([DOCS])['train']
 
 
-def test_http_429_is_retried(server, tmp_path):
+def test_http_429_is_retried(server, tmp_path, gpt2_ranks):
     paths = serve_listed(server, [DOCS])
     server.faults[API] = ['429']
     server.faults[paths[0]] = ['429', '429']
@@ -74,7 +74,7 @@ def test_http_429_is_retried(server, tmp_path):
     assert read_bin(tmp_path, 'codeparrot', 'train') == expected_tokens([DOCS])['train']
 
 
-def test_max_tokens_reached_inside_a_shard(server, tmp_path):
+def test_max_tokens_reached_inside_a_shard(server, tmp_path, gpt2_ranks):
     """prepare_data.py tokenises 1,024 documents at a time and stops once the budget is met: inside the first shard
     of 2,500 documents here; the second shard is never fetched."""
     docs = [f'doc {i}: ' + 'word ' * (i % 5) for i in range(2500)]
@@ -113,7 +113,7 @@ def test_compare_png_without_matplotlib(two_arms, capsys, monkeypatch):
 
     def no_matplotlib(name, *args, **kwargs):
         if name.split('.')[0] == 'matplotlib':
-            raise ImportError(f"No module named {name!r}")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)  # as Python raises it
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, '__import__', no_matplotlib)
     result = ev.eval_compare(None)

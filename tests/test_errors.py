@@ -30,7 +30,7 @@ import eval as ev  # noqa: E402
     ('eval.py', ['nca', '--gzip_lower=0.95', '--num_rules=256'], 'kept no rule'),
     ('eval.py', ['nca', '--num_rules=0'], 'eval.py: --num_rules=0 must be at least 1'),
     ('eval.py', ['ppl', '--n_states=3'], '--n_states is an option of eval.py nca'),
-    ('eval.py', ['nca', '--ckpt=out-nca'], '--ckpt is an option of eval.py ppl/gsm8k/humaneval/bbl/icl/watch, not of eval.py nca'),
+    ('eval.py', ['nca', '--ckpt=out-nca'], '--ckpt is an option of eval.py ppl/gsm8k/humaneval/bbl/icl/watch/export, not of eval.py nca'),
     ('eval.py', ['ppl', '--temperature=0.5'], '--temperature is an option of eval.py gsm8k/humaneval/bbl/nca, not of eval.py ppl'),
     ('eval.py', ['compare', '--seed=2'], '--seed is an option of eval.py gsm8k/humaneval/bbl/nca, not of eval.py compare'),
     ('nca_gpt.py', ['--gzip_lower=0.6', '--gzip_upper=0.4'], 'is empty: the lower bound must be below'),

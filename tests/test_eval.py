@@ -237,7 +237,7 @@ def test_perplexity_is_exp_of_the_mean_loss_and_bits_per_byte(tiny_model, tmp_pa
     monkeypatch.setattr(ev, 'data_dir', str(tmp_path))
     monkeypatch.setattr(ev, 'datasets', 'toy')
     monkeypatch.setattr(ev, 'max_tokens', 0)
-    result = ev.eval_ppl(tiny_model)['toy']
+    result = ev.eval_ppl(tiny_model)['datasets']['toy']
     t = torch.from_numpy(tokens.astype(np.int64))
     with torch.no_grad():
         losses = [tiny_model(t[w * 64:w * 64 + 64][None], t[w * 64 + 1:w * 64 + 65][None])[1] for w in range(5)]

@@ -44,11 +44,11 @@ def server():
     s.close()
 
 
-def run(server, *args, data_dir):
+def run(server, *args, data_dir, env=None):
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), *args, f'--data_dir={data_dir}',
                         f'--hf_base={server.url}', f'--github_base={server.url}', f'--github_api={server.url}',
                         '--val_fraction=0.2', '--retries=3'],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     return p
 
 
@@ -83,7 +83,7 @@ def serve_codeparrot(server):
     return shards
 
 
-def test_corpus_tokens_equal_tiktoken(server, tmp_path):
+def test_corpus_tokens_equal_tiktoken(server, tmp_path, gpt2_ranks):
     shards = serve_codeparrot(server)
     p = run(server, 'codeparrot', data_dir=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -100,7 +100,7 @@ def test_corpus_tokens_equal_tiktoken(server, tmp_path):
     assert p.returncode == 0 and 'already prepared' in p.stdout and len(server.log) == n
 
 
-def test_split_is_deterministic(server, tmp_path):
+def test_split_is_deterministic(server, tmp_path, gpt2_ranks):
     serve_codeparrot(server)
     for d in ('a', 'b'):
         assert run(server, 'codeparrot', data_dir=tmp_path / d).returncode == 0
@@ -108,7 +108,7 @@ def test_split_is_deterministic(server, tmp_path):
         assert read_bin(tmp_path / 'a', 'codeparrot', split) == read_bin(tmp_path / 'b', 'codeparrot', split)
 
 
-def test_interrupted_download_resumes_and_500s_are_retried(server, tmp_path):
+def test_interrupted_download_resumes_and_500s_are_retried(server, tmp_path, gpt2_ranks):
     serve_codeparrot(server)
     path = '/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000001.json.gz'
     server.faults[path] = ['500', 'cut']
@@ -120,7 +120,7 @@ def test_interrupted_download_resumes_and_500s_are_retried(server, tmp_path):
     assert open(tmp_path / 'codeparrot' / 'raw' / 'file-000000000001.json.gz', 'rb').read() == server.files[path]
 
 
-def test_killed_run_continues_where_it_stopped(server, tmp_path):
+def test_killed_run_continues_where_it_stopped(server, tmp_path, gpt2_ranks):
     serve_codeparrot(server)
     second = '/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000002.json.gz'
     body = server.files.pop(second)  # the second shard 404s: the run stops after the first
@@ -133,7 +133,7 @@ def test_killed_run_continues_where_it_stopped(server, tmp_path):
     assert [q for q, _ in server.log if 'resolve' in q] == [second]  # the first shard is not fetched again
 
 
-def test_corrupt_shard_is_named_and_nothing_is_written(server, tmp_path):
+def test_corrupt_shard_is_named_and_nothing_is_written(server, tmp_path, gpt2_ranks):
     path = '/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz'
     server.files[path] = gzip.compress(b'{"text": "fine"}\n{"text": broken json\n')
     p = run(server, 'c4', data_dir=tmp_path)
@@ -143,7 +143,7 @@ def test_corrupt_shard_is_named_and_nothing_is_written(server, tmp_path):
     assert not any(f.endswith(('.bin', '.part')) or f == 'meta.json' for f in left), left
 
 
-def test_size_mismatch_with_the_listing_is_refused(server, tmp_path):
+def test_size_mismatch_with_the_listing_is_refused(server, tmp_path, gpt2_ranks):
     serve_codeparrot(server)
     server.files['/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000001.json.gz'] += b'extra'
     p = run(server, 'codeparrot', data_dir=tmp_path)
@@ -151,7 +151,7 @@ def test_size_mismatch_with_the_listing_is_refused(server, tmp_path):
     assert not (tmp_path / 'codeparrot' / 'raw' / 'file-000000000001.json.gz').exists()
 
 
-def test_openwebtext_tar_of_xz_with_max_tokens(server, tmp_path):
+def test_openwebtext_tar_of_xz_with_max_tokens(server, tmp_path, gpt2_ranks):
     inner = [tar_bytes({f'doc{j}.txt': d.encode() for j, d in enumerate(DOCS[k:k + 10])}) for k in (0, 10)]
     server.files['/datasets/Skylion007/openwebtext/resolve/main/subsets/urlsf_subset00.tar'] = \
         tar_bytes({f'urlsf_subset00-{k}_data.xz': lzma.compress(b) for k, b in enumerate(inner)})
@@ -161,7 +161,7 @@ def test_openwebtext_tar_of_xz_with_max_tokens(server, tmp_path):
     assert read_bin(tmp_path, 'openwebtext', 'train') == want['train']
 
 
-def test_c4_json_gz(server, tmp_path):
+def test_c4_json_gz(server, tmp_path, gpt2_ranks):
     server.files['/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz'] = \
         jsonl_gz([{'text': d, 'url': 'u', 'timestamp': 't'} for d in DOCS])
     p = run(server, 'c4', '--max_tokens=100', data_dir=tmp_path)
@@ -169,7 +169,7 @@ def test_c4_json_gz(server, tmp_path):
     assert read_bin(tmp_path, 'c4', 'train') == expected_tokens([DOCS])['train']
 
 
-def test_openwebmath_parquet(server, tmp_path):
+def test_openwebmath_parquet(server, tmp_path, gpt2_ranks):
     pa = pytest.importorskip('pyarrow')
     import pyarrow.parquet as pq
     buf = io.BytesIO()
@@ -183,7 +183,7 @@ def test_openwebmath_parquet(server, tmp_path):
 
 
 @pytest.mark.parametrize('kind', ['folder', 'jsonl'])
-def test_local_corpus(server, tmp_path, kind):
+def test_local_corpus(server, tmp_path, kind, gpt2_ranks):
     if kind == 'folder':
         src = tmp_path / 'texts'
         src.mkdir()
@@ -198,7 +198,7 @@ def test_local_corpus(server, tmp_path, kind):
     assert read_bin(tmp_path / 'data', 'mine', 'train') == expected_tokens([DOCS])['train'] and not server.log
 
 
-def test_bad_names_and_addresses(server, tmp_path):
+def test_bad_names_and_addresses(server, tmp_path, gpt2_ranks):
     p = run(server, 'nope', data_dir=tmp_path)
     assert p.returncode != 0 and "unknown dataset 'nope'; known: openwebtext, c4" in p.stderr
     p = run(server, 'c4', data_dir=tmp_path)  # the server has no C4 shard
@@ -225,7 +225,7 @@ def test_benchmarks(server, tmp_path):
     assert bbl_sft and 'choice: yes\nchoice: no\n\nAnswer:\n' in bbl_sft[0]['prompt']
 
 
-def test_a_whole_part_file_is_finished_not_refetched(server, tmp_path):
+def test_a_whole_part_file_is_finished_not_refetched(server, tmp_path, gpt2_ranks):
     serve_codeparrot(server)
     path = '/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000001.json.gz'
     raw = tmp_path / 'codeparrot' / 'raw'
@@ -249,8 +249,9 @@ def corrupt_gzip(data):
 
 
 @pytest.mark.parametrize('where', ['served', 'in raw/'])
-def test_a_corrupt_gzip_is_named_deleted_and_fetched_again(server, tmp_path, where):
+def test_a_corrupt_gzip_is_named_deleted_and_fetched_again(server, tmp_path, where, request):
     if where == 'served':  # a C4 shard with one byte changed in transit
+        request.getfixturevalue('gpt2_ranks')
         path = '/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz'
         good = jsonl_gz([{'text': d} for d in DOCS])
         server.files[path] = corrupt_gzip(good)
@@ -273,7 +274,7 @@ def test_a_corrupt_gzip_is_named_deleted_and_fetched_again(server, tmp_path, whe
     assert [q for q, _ in server.log] == [path] and local.read_bytes() == good
 
 
-def test_a_500_on_the_listing_is_retried(server, tmp_path):
+def test_a_500_on_the_listing_is_retried(server, tmp_path, gpt2_ranks):
     serve_codeparrot(server)
     api = '/api/datasets/codeparrot/codeparrot-clean/tree/main'
     server.faults[api] = ['500']
@@ -282,7 +283,7 @@ def test_a_500_on_the_listing_is_retried(server, tmp_path):
     assert [q for q, _ in server.log].count(api) == 3  # the 500, then the two pages
 
 
-def test_a_cached_listing_follows_hf_base_to_a_mirror(server, tmp_path):
+def test_a_cached_listing_follows_hf_base_to_a_mirror(server, tmp_path, gpt2_ranks):
     serve_codeparrot(server)
     second = '/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000002.json.gz'
     del server.files[second]  # the first run stops there, with the listing cached
