@@ -144,7 +144,8 @@ def sample_rules(keys, n):
 
 
 def unpack_rules(rules, n):
-    """rules (R, P) -> the kernels conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16): views, not copies."""
+    """rules (R, P) -> the kernels conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16) (the widths:
+    rule_hidden1, rule_hidden2): views, not copies."""
     shapes = rule_shapes(n)
     parts = rules.split([math.prod(s) for s in shapes], dim=1)
     return [p.view(-1, *s) for p, s in zip(parts, shapes)]
@@ -200,10 +201,10 @@ def rollout_plain(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0)
 
 # --- the same rollout, made fast ---------------------------------------------
 # The 3x3 conv and the first 1x1 conv have nothing between them, so they are one linear map; and its
-# input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16
+# input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16 (rule_hidden2)
 # values, summed over the 9 neighbours. One index_select and one embedding_bag a step advance all R
 # rules at once (docs/speed.md: ~3x the plain rollout on a CPU). Its states equal rollout_plain's
-# (tests/test_nca.py holds them on thousands of rules).
+# (tests/test_method.py holds them on thousands of rules).
 
 @functools.lru_cache(maxsize=8)
 def torus_neighbours(size, device):
@@ -435,7 +436,7 @@ def give_up_if_rare(n_kept, tried, count, chunk, ratios, seconds):
         return
     minutes = (count - n_kept) / rate * seconds / tried / 60
     stop_for_band(f"keeps {rate:.2%} of the candidates ({n_kept} of {tried}): {count} rules would take about "
-                  f"{count / rate:,.0f} candidates, {minutes:,.0f} more minutes", ratios)
+                  f"{count / rate:,.0f} candidates, {minutes:,.1f} more minutes", ratios)
 
 
 def no_rule_in_band(ratios):
@@ -1371,6 +1372,8 @@ def stop_on_failed_write(path, error):
         reason = os.strerror(error.errno).lower()
     elif os.path.isdir(folder) and shutil.disk_usage(folder).free < 2 ** 20:
         reason = "the disk is full"
+    elif file_size_limit() is not None:
+        reason = f"over the file-size limit of {file_size_limit():,} bytes (ulimit -f)"
     else:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     saved = progress.get('saved')
@@ -1380,6 +1383,18 @@ def stop_on_failed_write(path, error):
     else:
         what = "no checkpoint was written yet; make room, then run the same command again"
     die(f"cannot write {path} ({reason}); {what}")
+
+
+def file_size_limit():
+    """The process's file-size limit in bytes (ulimit -f), None where there is none."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return soft
 
 
 def resume_command():
@@ -1440,7 +1455,10 @@ def write_run_file(model_args):
     """out_dir/run.json, written as the run starts: what eval.py compare needs once the checkpoints are gone."""
     run = dict(config={k: globals()[k] for k in config_keys}, stage=stage, vocab=vocab, model_args=model_args)
     path = os.path.join(out_dir, 'run.json')
-    write_or_stop(path, lambda tmp: json.dump(run, open(tmp, 'w'), indent=1))
+    def write(tmp):
+        with open(tmp, 'w') as f:  # closed here: a failed last flush must fail the write, not pass unseen
+            json.dump(run, f, indent=1)
+    write_or_stop(path, write)
 
 
 # ==== Appendix: Hugging Face Llama folders ======================================
