@@ -58,6 +58,13 @@ def main():
             nca_gpt.rule_complexity(rules, keys)
         sec = timed(filter_once, repeats)
         print(f"{dev:<6} {f'filter, {n_filter} candidates':<34} {n_filter / sec:>9,.0f} rules/s")
+        if hasattr(nca_gpt, 'rollout_plain'):  # the rule network as written (convs), in place of the lookup table
+            fast = nca_gpt.rollout
+            nca_gpt.rollout = nca_gpt.rollout_plain
+            for B in batch_sizes:
+                sec = timed(lambda i=0: nca_gpt.nca_batch('train', i, B), repeats)
+                print(f"{dev:<6} {f'  the same, rollout_plain, {B} x 1024':<34} {B * nca_gpt.block_size / sec:>10,.0f} tok/s")
+            nca_gpt.rollout = fast
         sec = timed(lambda i=0: nca_gpt.dyck_batch('train', i, 32), repeats)
         print(f"{dev:<6} {'dyck_batch, 32 x 1024 tokens':<34} {32 * nca_gpt.block_size / sec:>10,.0f} tok/s")
 
