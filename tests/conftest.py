@@ -48,3 +48,21 @@ def gpt2_ranks():
     except Exception as e:  # offline: requests' ConnectionError, a proxy's error
         pytest.skip(f"GPT-2's ranks are unavailable ({type(e).__name__}): put r50k_base.tiktoken in a folder as "
                     f"0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4 and set TIKTOKEN_CACHE_DIR to it (README: Installing)")
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server on 127.0.0.1 for the download tests (tests/fixture_server.py)."""
+    from fixture_server import FixtureServer
+    s = FixtureServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def pd(monkeypatch):
+    """prepare_data run in this process, its config restored after the test."""
+    import prepare_data
+    for k in prepare_data.config_keys:
+        monkeypatch.setattr(prepare_data, k, getattr(prepare_data, k))
+    return prepare_data

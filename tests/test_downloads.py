@@ -9,20 +9,12 @@ import os
 import pytest
 
 from conftest import ROOT  # noqa: F401 (puts the repository on sys.path)
-from fixture_server import FixtureServer
 from test_eval import write_log
 from test_prepare import DOCS, expected_tokens, jsonl_gz, read_bin, run
 import eval as ev
 
 API = '/api/datasets/codeparrot/codeparrot-clean/tree/main'
 RESOLVE = '/datasets/codeparrot/codeparrot-clean/resolve/main'
-
-
-@pytest.fixture
-def server():
-    s = FixtureServer()
-    yield s
-    s.close()
 
 
 def serve_listed(server, shards, sha=True):

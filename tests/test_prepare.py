@@ -37,13 +37,6 @@ def tar_bytes(files, mode='w'):
     return buf.getvalue()
 
 
-@pytest.fixture
-def server():
-    s = FixtureServer()
-    yield s
-    s.close()
-
-
 def run(server, *args, data_dir, env=None):
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), *args, f'--data_dir={data_dir}',
                         f'--hf_base={server.url}', f'--github_base={server.url}', f'--github_api={server.url}',
@@ -299,14 +292,6 @@ def test_a_cached_listing_follows_hf_base_to_a_mirror(server, tmp_path, gpt2_ran
         assert [q for q, _ in mirror.log if 'resolve' in q] == [second] and not server.log
     finally:
         mirror.close()
-
-
-@pytest.fixture
-def pd(monkeypatch):
-    """prepare_data run in this process (to pin other bytes), its config restored after the test."""
-    for k in prepare_data.config_keys:
-        monkeypatch.setattr(prepare_data, k, getattr(prepare_data, k))
-    return prepare_data
 
 
 def test_benchmark_files_are_checked_against_their_pinned_sha256(server, tmp_path, pd, monkeypatch, capsys):

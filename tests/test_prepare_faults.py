@@ -10,27 +10,12 @@ import os
 import pytest
 
 from conftest import ROOT  # noqa: F401 (puts the repository on sys.path)
-from fixture_server import FixtureServer, serve_benchmarks
+from fixture_server import serve_benchmarks
 from test_prepare import DOCS, jsonl_gz, run
 import prepare_data
 
 API = '/api/datasets/codeparrot/codeparrot-clean/tree/main'
 SHARD = '/datasets/codeparrot/codeparrot-clean/resolve/main/file-000000000001.json.gz'
-
-
-@pytest.fixture
-def server():
-    s = FixtureServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def pd(monkeypatch):
-    """prepare_data run in this process, its config restored after the test."""
-    for k in prepare_data.config_keys:
-        monkeypatch.setattr(prepare_data, k, getattr(prepare_data, k))
-    return prepare_data
 
 
 def serve_one_shard(server):
