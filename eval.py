@@ -15,7 +15,8 @@ docs/evaluation.md.
     python eval.py icl --ckpt=out-lm [--at_start=true] # the in-context probe
     python eval.py watch --ckpt=out-nca                # an NCA model's predictions, frame by frame
     python eval.py nca [--num_rules=1024 --n_states=2 ...]   # the NCA data, the filter's statistics
-    python eval.py export --ckpt=out-lm --out=out-lm/hf # a Hugging Face Llama folder (transformers, lm-eval)
+    python eval.py export --ckpt=out-lm --out=out-lm/hf   # a Hugging Face Llama folder
+                                                          # (transformers, lm-eval)
 """
 import glob
 import json
@@ -42,7 +43,8 @@ import torch.nn.functional as F
 
 import nca_gpt
 from nca_gpt import GPT, atomic_write, parse_args
-from nca_gpt import EOT_TEXT, HFError, RMS_EPS, ROPE_THETA, byte_symbols, to_hf_state, write_safetensors
+from nca_gpt import EOT_TEXT, HFError, RMS_EPS, ROPE_THETA
+from nca_gpt import byte_symbols, to_hf_state, write_safetensors
 from prepare_data import bbl_prompt, gsm8k_prompt, gsm8k_target
 
 # -----------------------------------------------------------------------------
@@ -1316,78 +1318,130 @@ def eval_compare(_):
 
 
 # =============================================================================
-# Export: a Hugging Face Llama folder (transformers, lm-evaluation-harness); --init_from reads it back
+# Export: a Hugging Face Llama folder (transformers, lm-evaluation-harness);
+# --init_from reads it back
 # =============================================================================
 def gpt2_ranks():
-    """tiktoken's r50k_base ranks {token bytes: id}, from the same file tiktoken reads (TIKTOKEN_CACHE_DIR)."""
+    """tiktoken's r50k_base ranks {token bytes: id}, from the same file tiktoken reads
+    (TIKTOKEN_CACHE_DIR)."""
     import tiktoken
     enc = tiktoken.get_encoding('r50k_base')
     ranks = enc._mergeable_ranks
     if len(ranks) != 50256 or enc.eot_token != 50256:
-        raise HFError(f"tiktoken's r50k_base has {len(ranks)} ranks and end-of-text {enc.eot_token}: not GPT-2's")
+        raise HFError(f"tiktoken's r50k_base has {len(ranks)} ranks and "
+                      f"end-of-text {enc.eot_token}: not GPT-2's")
     return ranks
 
 
 def bpe_merges(ranks):
-    """The merges of a byte-level BPE from its ranks: each token of two or more bytes is what BPE, using only the
-    tokens ranked before it, makes of its bytes; the two parts it ends with are its merge (the order: its rank)."""
+    """The merges of a byte-level BPE from its ranks: each token of two or more bytes is what
+    BPE, using only the tokens ranked before it, makes of its bytes; the two parts it ends with
+    are its merge (the order: its rank)."""
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
             continue
         parts = [token[i:i + 1] for i in range(len(token))]
         while len(parts) > 2:
-            best = min(((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)))
+            pairs = ((ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1))
+            best = min(pairs)
             if best[0] >= rank:
                 break
             i = best[1]
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        if len(parts) != 2 or ranks.get(parts[0], rank) >= rank or ranks.get(parts[1], rank) >= rank:
+        if (len(parts) != 2 or ranks.get(parts[0], rank) >= rank
+                or ranks.get(parts[1], rank) >= rank):
             raise HFError(f"the rank {rank} token {token!r} is no merge of two earlier tokens")
         merges.append((parts[0], parts[1]))
     return merges
 
 
 def tokenizer_json(kind):
-    """tokenizer.json (the `tokenizers` library's format) of the vocabulary 'gpt2' or 'bytes'; ids as text_codec's."""
+    """tokenizer.json (the `tokenizers` library's format) of the vocabulary 'gpt2' or 'bytes';
+    ids as text_codec's."""
     sym = byte_symbols()
     text = lambda b: ''.join(sym[c] for c in b)
     if kind == 'gpt2':
         ranks = gpt2_ranks()
         vocab = {text(t): r for t, r in ranks.items()}
-        merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]  # 'a b': every tokenizers version reads it
+        # 'a b': every tokenizers version reads it
+        merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]
         eot = 50256
     else:  # bytes: byte b is id b, no merges
         vocab, merges, eot = {s: b for b, s in enumerate(sym)}, [], 256
+    # GPT-2's split (the same pattern as tiktoken's r50k_base); the bytes split nowhere,
+    # one token a byte
+    use_regex = kind == 'gpt2'
+    eot_token = dict(
+        id=eot,
+        content=EOT_TEXT,
+        single_word=False,
+        lstrip=False,
+        rstrip=False,
+        normalized=False,
+        special=True,
+    )
+    model = dict(
+        type='BPE',
+        dropout=None,
+        unk_token=None,
+        continuing_subword_prefix=None,
+        end_of_word_suffix=None,
+        fuse_unk=False,
+        byte_fallback=False,
+        vocab=vocab,
+        merges=merges,
+    )
     return {
-        'version': '1.0', 'truncation': None, 'padding': None,
-        'added_tokens': [dict(id=eot, content=EOT_TEXT, single_word=False, lstrip=False, rstrip=False,
-                              normalized=False, special=True)],
+        'version': '1.0',
+        'truncation': None,
+        'padding': None,
+        'added_tokens': [eot_token],
         'normalizer': None,
-        # GPT-2's split (the same pattern as tiktoken's r50k_base); the bytes split nowhere, one token a byte
-        'pre_tokenizer': dict(type='ByteLevel', add_prefix_space=False, trim_offsets=True, use_regex=kind == 'gpt2'),
-        'post_processor': dict(type='ByteLevel', add_prefix_space=False, trim_offsets=False, use_regex=kind == 'gpt2'),
-        'decoder': dict(type='ByteLevel', add_prefix_space=False, trim_offsets=True, use_regex=kind == 'gpt2'),
-        'model': dict(type='BPE', dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
-                      fuse_unk=False, byte_fallback=False, vocab=vocab, merges=merges),
+        'pre_tokenizer': dict(type='ByteLevel', add_prefix_space=False, trim_offsets=True,
+                              use_regex=use_regex),
+        'post_processor': dict(type='ByteLevel', add_prefix_space=False, trim_offsets=False,
+                               use_regex=use_regex),
+        'decoder': dict(type='ByteLevel', add_prefix_space=False, trim_offsets=True,
+                        use_regex=use_regex),
+        'model': model,
     }, eot
 
 
 def hf_config(args, eot, dtype):
     C = args['n_embd']
     return {
-        'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
-        'vocab_size': args['vocab_size'],  # the padded rows too: the ids past the tokenizer's are never produced in training
-        'hidden_size': C, 'intermediate_size': 4 * C, 'num_hidden_layers': args['n_layer'],
-        'num_attention_heads': args['n_head'], 'num_key_value_heads': args['n_head'], 'head_dim': C // args['n_head'],
-        'hidden_act': 'silu', 'max_position_embeddings': args['block_size'],
+        'architectures': ['LlamaForCausalLM'],
+        'model_type': 'llama',
+        # the padded rows too: the ids past the tokenizer's are never produced in training
+        'vocab_size': args['vocab_size'],
+        'hidden_size': C,
+        'intermediate_size': 4 * C,
+        'num_hidden_layers': args['n_layer'],
+        'num_attention_heads': args['n_head'],
+        'num_key_value_heads': args['n_head'],
+        'head_dim': C // args['n_head'],
+        'hidden_act': 'silu',
+        'max_position_embeddings': args['block_size'],
         'rms_norm_eps': RMS_EPS,  # nn.RMSNorm(eps=None) on float32: torch.finfo(torch.float32).eps
-        'rope_theta': ROPE_THETA, 'rope_scaling': None,                         # transformers 4
-        'rope_parameters': {'rope_type': 'default', 'rope_theta': ROPE_THETA},  # transformers 5
-        'attention_bias': False, 'mlp_bias': False, 'attention_dropout': float(args.get('dropout', 0.0)),
-        'tie_word_embeddings': False, 'initializer_range': 0.02, 'pretraining_tp': 1, 'use_cache': True,
-        'bos_token_id': eot, 'eos_token_id': eot, 'pad_token_id': None,
-        'torch_dtype': dtype, 'dtype': dtype,                                   # 4 and 5
+        # transformers 4
+        'rope_theta': ROPE_THETA,
+        'rope_scaling': None,
+        # transformers 5
+        'rope_parameters': {'rope_type': 'default', 'rope_theta': ROPE_THETA},
+        'attention_bias': False,
+        'mlp_bias': False,
+        'attention_dropout': float(args.get('dropout', 0.0)),
+        'tie_word_embeddings': False,
+        'initializer_range': 0.02,
+        'pretraining_tp': 1,
+        'use_cache': True,
+        'bos_token_id': eot,
+        'eos_token_id': eot,
+        'pad_token_id': None,
+        # transformers 4 and 5
+        'torch_dtype': dtype,
+        'dtype': dtype,
     }
 
 
@@ -1395,20 +1449,25 @@ def check_exportable(checkpoint):
     """HFError (one line) for a checkpoint HF Llama cannot hold with a tokenizer."""
     vocab = checkpoint.get('vocab') or {}
     if vocab.get('kind') not in ('gpt2', 'bytes'):
-        raise HFError(f"a checkpoint of --stage {checkpoint.get('stage')} ({vocab.get('kind')} tokens) is not exported: "
-                      f"no tokenizer means its ids (an HF model is text in, text out); export an lm or sft checkpoint, "
+        raise HFError(f"a checkpoint of --stage {checkpoint.get('stage')} "
+                      f"({vocab.get('kind')} tokens) is not exported: "
+                      f"no tokenizer means its ids (an HF model is text in, text out); "
+                      f"export an lm or sft checkpoint, "
                       f"or transfer these blocks with nca_gpt.py --init_from")
     bias = checkpoint['model'].get('head.bias')
     if bias is not None and bias.abs().max().item() != 0:
-        raise HFError("the head has a bias (--head_bias) and HF Llama's lm_head has none: the logits would change")
+        raise HFError("the head has a bias (--head_bias) and HF Llama's lm_head has none: "
+                      "the logits would change")
     args = checkpoint['model_args']
     if args['n_embd'] % args['n_head'] or (args['n_embd'] // args['n_head']) % 2:
-        raise HFError(f"n_embd {args['n_embd']} does not split into {args['n_head']} heads of an even size")
+        raise HFError(f"n_embd {args['n_embd']} does not split into {args['n_head']} heads "
+                      f"of an even size")
 
 
 def export_hf(checkpoint, out_dir, dtype='float32'):
-    """A checkpoint (the dict nca_gpt.load_checkpoint returns) -> the HF folder out_dir (float32 or bfloat16 weights).
-    Returns the paths written. HFError when it does not fit; out_dir is then untouched."""
+    """A checkpoint (the dict nca_gpt.load_checkpoint returns) -> the HF folder out_dir
+    (float32 or bfloat16 weights). Returns the paths written. HFError when it does not fit;
+    out_dir is then untouched."""
     if dtype not in ('float32', 'bfloat16'):
         raise HFError(f"--dtype={dtype}: export writes float32 or bfloat16")
     check_exportable(checkpoint)
@@ -1417,31 +1476,55 @@ def export_hf(checkpoint, out_dir, dtype='float32'):
     ptdtype = torch.float32 if dtype == 'float32' else torch.bfloat16
     tensors = {k: v.to(ptdtype) for k, v in to_hf_state(state, args['n_layer']).items()}
     tok, eot = tokenizer_json(vocab['kind'])
-    special = dict(bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT if vocab['kind'] == 'gpt2' else None)
+    unk_token = None
+    if vocab['kind'] == 'gpt2':
+        unk_token = EOT_TEXT
+    special = dict(bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=unk_token)
+    tokenizer_config = dict(
+        tokenizer_class='PreTrainedTokenizerFast',
+        **special,
+        pad_token=None,
+        add_bos_token=False,
+        add_eos_token=False,
+        add_prefix_space=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=args['block_size'],
+    )
+    about = dict(
+        stage=checkpoint.get('stage'),
+        iter_num=checkpoint.get('iter_num'),
+        vocab=vocab,
+        best_val_loss=checkpoint.get('best_val_loss'),
+        model_args=args,
+        config=checkpoint.get('config', {}),
+        exported=time.strftime('%Y-%m-%d %H:%M:%S'),
+    )
     files = {
         'config.json': hf_config(args, eot, dtype),
         'generation_config.json': dict(bos_token_id=eot, eos_token_id=eot, do_sample=False),
         'tokenizer.json': tok,
-        'tokenizer_config.json': dict(tokenizer_class='PreTrainedTokenizerFast', **special, pad_token=None,
-                                      add_bos_token=False, add_eos_token=False, add_prefix_space=False,
-                                      clean_up_tokenization_spaces=False, model_max_length=args['block_size']),
+        'tokenizer_config.json': tokenizer_config,
         'special_tokens_map.json': {k: v for k, v in special.items() if v},
-        'nca_gpt.json': dict(stage=checkpoint.get('stage'), iter_num=checkpoint.get('iter_num'), vocab=vocab,
-                             best_val_loss=checkpoint.get('best_val_loss'), model_args=args,
-                             config=checkpoint.get('config', {}), exported=time.strftime('%Y-%m-%d %H:%M:%S')),
+        'nca_gpt.json': about,
     }
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, 'nca_gpt.json')):
-        raise HFError(f"{out_dir} exists and is no earlier export: give a new folder")  # never replace a run's folder
+    # never replace a run's folder
+    if (os.path.exists(out_dir) and os.listdir(out_dir)
+            and not os.path.exists(os.path.join(out_dir, 'nca_gpt.json'))):
+        raise HFError(f"{out_dir} exists and is no earlier export: give a new folder")
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         for name, content in files.items():
+            indent = 1
+            if name == 'tokenizer.json':
+                indent = None
             with open(os.path.join(tmp, name), 'w', encoding='utf-8') as f:
-                json.dump(content, f, indent=None if name == 'tokenizer.json' else 1, ensure_ascii=False)
+                json.dump(content, f, indent=indent, ensure_ascii=False)
         write_safetensors(os.path.join(tmp, 'model.safetensors'), tensors, {'format': 'pt'})
-        if os.path.exists(out_dir):  # replacing an earlier export: the old folder goes only once the new one is whole
+        # replacing an earlier export: the old folder goes only once the new one is whole
+        if os.path.exists(out_dir):
             old = f"{out_dir}.old{os.getpid()}"
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
@@ -1460,9 +1543,10 @@ def eval_export(path, checkpoint, out_dir, dtype, die):
     except HFError as e:
         die(f"cannot export {path}: {e}")
     size = sum(os.path.getsize(p) for p in written)
-    print(f"wrote {out_dir} ({size / 2**20:.1f} MiB, {dtype or 'float32'}): a LlamaForCausalLM with the "
-          f"{checkpoint['vocab']['kind']} tokenizer; load it with transformers' "
-          f"AutoModelForCausalLM.from_pretrained({out_dir!r}), or train from it with nca_gpt.py --init_from={out_dir}")
+    print(f"wrote {out_dir} ({size / 2**20:.1f} MiB, {dtype or 'float32'}): "
+          f"a LlamaForCausalLM with the {checkpoint['vocab']['kind']} tokenizer; "
+          f"load it with transformers' AutoModelForCausalLM.from_pretrained({out_dir!r}), "
+          f"or train from it with nca_gpt.py --init_from={out_dir}")
     return written
 
 
@@ -1500,11 +1584,13 @@ def main(argv):
     if not dtype:
         dtype = 'bfloat16' if device.startswith('cuda') else 'float32'
     check_inputs(task)
-    if task == 'export':  # a folder, not a JSON of scores: --out names it ('' = hf/ beside the checkpoint)
+    # export: a folder, not a JSON of scores: --out names it ('' = hf/ beside the checkpoint)
+    if task == 'export':
         path = ckpt_file()
-        export_dtype = overrides.get('dtype', 'float32')  # the weights as trained, whatever the device
-        eval_export(path, nca_gpt.load_checkpoint(path), out or os.path.join(os.path.dirname(path), 'hf'),
-                    export_dtype, die)
+        # the weights as trained, whatever the device
+        export_dtype = overrides.get('dtype', 'float32')
+        out_dir = out or os.path.join(os.path.dirname(path), 'hf')
+        eval_export(path, nca_gpt.load_checkpoint(path), out_dir, export_dtype, die)
         return
     torch.manual_seed(seed)
     if task == 'nca':  # nca_gpt.py's checks of its options, as its own run would make them
