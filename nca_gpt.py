@@ -1,16 +1,18 @@
 """
-NCA pre-pre-training in one file (Lee, Han, Kumar, Agrawal, "Training Language Models via Neural Cellular
-Automata", arXiv 2603.10055). A GPT learns to predict the frames of random neural cellular automata, where
-every sequence has a hidden rule to infer in context; its transformer blocks then start a language model.
+NCA pre-pre-training in one file (Lee, Han, Kumar, Agrawal, "Training Language Models via Neural
+Cellular Automata", arXiv 2603.10055). A GPT learns to predict the frames of random neural cellular
+automata, where every sequence has a hidden rule to infer in context; its transformer blocks then
+start a language model.
 
 Read it top to bottom:
-  1. the NCA data: the rule network, its rollout, the 2x2 patch tokenizer, the gzip filter, the batches;
-     then the Dyck control and the language batches
+  1. the NCA data: the rule network, its rollout, the 2x2 patch tokenizer, the gzip filter,
+     the batches; then the Dyck control and the language batches
   2. the GPT (Llama-style)
   3. the transfer: keep the blocks, re-initialise the embedding and the head
   4. training: one loop for every stage, nca | dyck -> lm -> sft
   Appendix: presets and recipes, the command line and its checks, files, devices and memory.
-Not here: evaluation, plots and the NCA data's statistics (eval.py), downloads (prepare_data.py).
+Not here: evaluation, plots and the NCA data's statistics (eval.py), downloads
+(prepare_data.py).
 
     python nca_gpt.py --stage nca                  # then --stage lm --init_from=out-nca (README)
     torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
@@ -36,28 +38,35 @@ import torch.nn.functional as F
 # config: module-level values, each overridable as --key=value or --key value.
 # Resolved once (configure, in the appendix): defaults < preset < recipe < command line.
 stage = 'nca'           # nca | dyck | lm | sft
-preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise): PRESETS, in the appendix
+preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise):
+                        #   PRESETS, in the appendix
 out_dir = ''            # where checkpoints and log.jsonl go ('' = out-{stage})
-init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | a checkpoint or HF Llama folder to transfer from
+init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | a checkpoint or HF Llama folder
+                        #   to transfer from
 seed = 1337             # one seed gives the same rules, sequences and losses
 # data: NCA (the defaults are the paper's, from its public code)
 grid = 12               # the torus is grid x grid cells
 n_states = 10           # each cell holds one of n_states colours
 rule_hidden1 = 4        # the rule network: 3x3 conv n_states -> rule_hidden1,
 rule_hidden2 = 16       #   then 1x1 -> rule_hidden2, ReLU, 1x1 -> n_states
-patch = 2               # a patch x patch block of cells is one token: n_states ** (patch * patch) of them
+patch = 2               # a patch x patch block of cells is one token:
+                        #   n_states ** (patch * patch) of them
 temperature = 1e-4      # softmax temperature of the update; 0 means exact argmax
 identity_bias = 0.0     # added to the logit of a cell's current state (> 0 makes rules lazier)
 burn_in = 10            # steps simulated and dropped before the first frame
 gzip_lower = 0.5        # keep a rule when gzip_lower < ratio < gzip_upper: (0.5, 1.0) for web text
 gzip_upper = 1.0        #   and math, (0.3, 0.4) for code in the paper
 gzip_frames = 10        # frames after burn-in that the filter compresses
-band = ''               # 'auto': gzip_lower, gzip_upper from the gzip ratio of --dataset (docs/comparisons.md)
+band = ''               # 'auto': gzip_lower, gzip_upper from the gzip ratio of --dataset
+                        #   (docs/comparisons.md)
 num_rules = 16000       # training rules per epoch (eval.py nca: candidate rules to analyse)
 num_val_rules = 2000    # held-out rules, never trained on
-rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run (the authors' code)
-nca_loss = 'patches'    # patches: START/END out of the loss | all: predicted too (the authors' code)
-nca_shuffle = False     # control: permute each sequence's patch tokens (the same tokens, no dynamics)
+rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run
+                        #   (the authors' code)
+nca_loss = 'patches'    # patches: START/END out of the loss | all: predicted too
+                        #   (the authors' code)
+nca_shuffle = False     # control: permute each sequence's patch tokens
+                        #   (the same tokens, no dynamics)
 # data: Dyck control
 dyck_k = 64             # bracket types: vocabulary 2 * dyck_k
 dyck_depth = 16         # maximum nesting depth
@@ -71,36 +80,47 @@ n_head = 12
 n_embd = 768
 block_size = 1024       # context length; NCA and Dyck sequences are this long
 dropout = 0.0           # attention dropout (the paper: 0.1)
-# the recipe: project | authors (RECIPES, in the appendix, sets the items below as the authors' code
-# has them)
+# the recipe: project | authors (RECIPES, in the appendix, sets the items below as the authors'
+# code has them)
 recipe = 'project'
-emb_init = 'normal'     # fresh embedding and head: normal N(0, 0.02) | torch: torch's defaults (the authors' stage 2)
-head_bias = False       # the head has a bias, at torch's init U(+-1/sqrt(n_embd)) (the authors' stage 1)
+emb_init = 'normal'     # fresh embedding and head: normal N(0, 0.02) | torch: torch's defaults
+                        #   (the authors' stage 2)
+head_bias = False       # the head has a bias, at torch's init U(+-1/sqrt(n_embd))
+                        #   (the authors' stage 1)
 scale_residual = True   # residual projections at N(0, 0.02 / sqrt(2 n_layer)) (GPT-2); False: 0.02
-pad_vocab = 64          # embedding and head rows: the vocabulary rounded up to a multiple (the authors: 64000, 1)
+pad_vocab = 64          # embedding and head rows: the vocabulary rounded up to a multiple
+                        #   (the authors: 64000, 1)
 # transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head
 # re-initialised
 reinit = ''             # also re-initialise parts: e.g. 'attn', 'mlp:0-11', 'attn:12-23,norm'
 freeze = ''             # parts to keep fixed, same syntax; 'emb' and 'head' too
-keep_embeddings = False # keep embedding and head when the vocabulary is the same (the C4 "no re-init" control)
+keep_embeddings = False # keep embedding and head when the vocabulary is the same
+                        #   (the C4 "no re-init" control)
 # optimisation (AdamW; the NCA stage's Adam is AdamW with weight_decay 0)
 batch_size = 16         # sequences per micro-step per process
-gradient_accumulation_steps = 2  # micro-steps per update, over all processes (32 sequences per update)
+gradient_accumulation_steps = 2  # micro-steps per update, over all processes
+                                 #   (32 sequences per update)
 max_iters = 5000        # updates
 max_tokens = 0          # if > 0, train on this many tokens instead (the C4 baseline's budget)
-epochs = 0.0            # if > 0, train this many passes over the data instead (sft: 10 for GSM8K)
+epochs = 0.0            # if > 0, train this many passes over the data instead
+                        #   (sft: 10 for GSM8K)
 learning_rate = 1e-4    # peak
 min_lr = 0.0            # floor of the cosine
 warmup_iters = 5000     # linear warm-up
 lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters)
-stop_at_peak = False    # the paper's stage 1: warm up over the whole run and stop at the peak lr (no decay)
+stop_at_peak = False    # the paper's stage 1: warm up over the whole run and stop at the peak lr
+                        #   (no decay)
 weight_decay = 0.0
-decay_all = False       # weight decay on every parameter, norms too (the authors' AdamW); False: matrices only
+decay_all = False       # weight decay on every parameter, norms too (the authors' AdamW);
+                        #   False: matrices only
 beta1 = 0.9
-beta2 = 0.999           # torch's Adam default, as the paper's code (nanoGPT: 0.95, which the small presets use)
+beta2 = 0.999           # torch's Adam default, as the paper's code
+                        #   (nanoGPT: 0.95, which the small presets use)
 grad_clip = 1.0         # 0 disables
-clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean (the authors' stage 2)
-warmup_zero = False     # the warm-up starts at lr 0 (the authors' LambdaLR); False: at lr / (warmup_iters + 1)
+clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean
+                        #   (the authors' stage 2)
+warmup_zero = False     # the warm-up starts at lr 0 (the authors' LambdaLR);
+                        #   False: at lr / (warmup_iters + 1)
 # I/O
 eval_interval = 250     # evaluate and checkpoint every this many steps
 eval_iters = 20         # batches per evaluation
@@ -109,25 +129,28 @@ log_interval = 10       # print a line every this many steps
 device = ''             # '' picks cuda, then mps, then cpu
 dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
 compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
 
 
 # ==== 1. The NCA data ========================================================
 # --- the rule network --------------------------------------------------------
-# A rule is a tiny conv-MLP with random, never-trained weights. It reads a cell's 3x3 neighbourhood
-# of one-hot states on the torus and gives logits for the cell's next state, drawn at a low
-# temperature. Every cell updates at every step (Growing NCA updates a random half; here there is no
-# fire rate).
+# A rule is a tiny conv-MLP with random, never-trained weights. It reads a cell's 3x3
+# neighbourhood of one-hot states on the torus and gives logits for the cell's next state, drawn
+# at a low temperature. Every cell updates at every step (Growing NCA updates a random half; here
+# there is no fire rate).
 
 def rule_shapes(n):
-    """The rule network's three kernels (out, in, ...) for n states; the paper's biases start at 0 and stay there."""
+    """The rule network's three kernels (out, in, ...) for n states; the paper's biases start at
+    0 and stay there."""
     return [(rule_hidden1, n, 3, 3), (rule_hidden2, rule_hidden1), (n, rule_hidden2)]
 
 
 def sample_rules(keys, n):
-    """keys (R,) -> rules (R, P), each row the flattened weights of one rule (P = 584 for 10 states).
-    The kernels are Flax's lecun normal: a normal truncated at 2 std, variance 1 / fan-in."""
+    """keys (R,) -> rules (R, P), each row the flattened weights of one rule (P = 584 for 10
+    states). The kernels are Flax's lecun normal: a normal truncated at 2 std, variance
+    1 / fan-in."""
     if len(keys) > 256:  # in pieces that stay in cache: 3x faster for 2,048 rules
         pieces = [sample_rules(keys[i:i + 256], n) for i in range(0, len(keys), 256)]
         return torch.cat(pieces)
@@ -138,42 +161,48 @@ def sample_rules(keys, n):
     lo = 0.5 * math.erfc(2 / math.sqrt(2))
     hi = 0.5 * math.erfc(-2 / math.sqrt(2))
     z = torch.special.ndtri(lo + u * (hi - lo))
-    fan_in = [torch.full((size,), math.prod(s[1:]), device=keys.device) for s, size in zip(shapes, sizes)]
+    fan_in = [torch.full((size,), math.prod(s[1:]), device=keys.device)
+              for s, size in zip(shapes, sizes)]
     # Flax divides the std by the std of a normal truncated at 2 (0.8796...)
     return z * (1.0 / torch.cat(fan_in)).sqrt() / 0.87962566103423978
 
 
 def unpack_rules(rules, n):
-    """rules (R, P) -> the kernels conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16) (the widths:
-    rule_hidden1, rule_hidden2): views, not copies."""
+    """rules (R, P) -> the kernels conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16)
+    (the widths: rule_hidden1, rule_hidden2): views, not copies."""
     shapes = rule_shapes(n)
     parts = rules.split([math.prod(s) for s in shapes], dim=1)
     return [p.view(-1, *s) for p, s in zip(parts, shapes)]
 
 
 def per_rule_conv(x, kernel):
-    """x (R, in, H, W), kernel (R, out, in, k, k) -> (R, out, H - k + 1, W - k + 1): rule r's kernel on grid r."""
+    """x (R, in, H, W), kernel (R, out, in, k, k) -> (R, out, H - k + 1, W - k + 1):
+    rule r's kernel on grid r."""
     R = x.size(0)
     y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), kernel.flatten(0, 1), groups=R)
     return y.view(R, kernel.size(1), *y.shape[2:])
 
 
 def draw_next(logits, state, u, temperature, identity_bias):
-    """logits (R, n, C) of each cell's next state, state (R, C) -> (R, C): the tempered draw, softmax(logits / T)
-    sampled by inverse CDF with the uniforms u (R, C); T = 0 is the argmax (the first of tied states)."""
+    """logits (R, n, C) of each cell's next state, state (R, C) -> (R, C): the tempered draw,
+    softmax(logits / T) sampled by inverse CDF with the uniforms u (R, C); T = 0 is the argmax
+    (the first of tied states)."""
     if identity_bias:
-        logits = logits + identity_bias * F.one_hot(state.long(), logits.size(1)).transpose(1, 2)
+        current = F.one_hot(state.long(), logits.size(1)).transpose(1, 2)  # (R, n, C)
+        logits = logits + identity_bias * current
     if temperature == 0:
         return logits.max(1).indices
     # unnormalised (categorical scales u by the total) and in place; the clamp keeps exp out of the
     # slow subnormal range (e^-80 ~ 1e-35: as good as 0 next to the top state's 1)
-    weights = logits.sub_(logits.amax(1, keepdim=True)).div_(temperature).clamp_min_(-80).exp_()
+    logits = logits.sub_(logits.amax(1, keepdim=True)).div_(temperature)
+    weights = logits.clamp_min_(-80).exp_()
     return categorical(weights, u, dim=1)
 
 
 def nca_step(state, kernels, u, temperature, identity_bias):
     """One step of R automata, each under its own rule, written as the network it is.
-    state (R, S, S) long, kernels from unpack_rules, u (R, S*S) uniforms -> the next state (R, S, S)."""
+    state (R, S, S) long, kernels from unpack_rules, u (R, S*S) uniforms
+    -> the next state (R, S, S)."""
     conv1, conv2, conv3 = kernels
     R, S, _ = state.shape
     x = F.one_hot(state, conv3.size(1)).permute(0, 3, 1, 2).float()   # (R, n, S, S) one-hot states
@@ -181,14 +210,16 @@ def nca_step(state, kernels, u, temperature, identity_bias):
     h = per_rule_conv(x, conv1)                                      # (R, 4, S, S) 3x3 conv
     h = per_rule_conv(h, conv2[..., None, None]).relu()              # (R, 16, S, S) 1x1 conv, ReLU
     logits = per_rule_conv(h, conv3[..., None, None])                # (R, n, S, S) 1x1 conv
-    return draw_next(logits.flatten(2), state.view(R, -1), u, temperature, identity_bias).view(R, S, S)
+    next_state = draw_next(logits.flatten(2), state.view(R, -1), u, temperature, identity_bias)
+    return next_state.view(R, S, S)
 
 
 @torch.no_grad()
 def rollout_plain(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
-    """The rollout as the network is written: grid0 (R, S, S) long, keys (R,) for the sampling noise
-    -> (R, n_steps + 1, S, S), the initial grid then the state after each step. Step t draws cell c with
-    counter t * S*S + c of its key. `rollout` below computes the same states faster; training uses that one."""
+    """The rollout as the network is written: grid0 (R, S, S) long, keys (R,) for the sampling
+    noise -> (R, n_steps + 1, S, S), the initial grid then the state after each step. Step t draws
+    cell c with counter t * S*S + c of its key. `rollout` below computes the same states faster;
+    training uses that one."""
     R, S, _ = grid0.shape
     if temperature:
         us = uniform(keys, n_steps * S * S).view(R, n_steps, S * S)
@@ -200,15 +231,16 @@ def rollout_plain(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0)
 
 
 # --- the same rollout, made fast ---------------------------------------------
-# The 3x3 conv and the first 1x1 conv have nothing between them, so they are one linear map; and its
-# input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16 (rule_hidden2)
-# values, summed over the 9 neighbours. One index_select and one embedding_bag a step advance all R
-# rules at once (docs/speed.md: ~3x the plain rollout on a CPU). Its states equal rollout_plain's
-# (tests/test_method.py holds them on thousands of rules).
+# The 3x3 conv and the first 1x1 conv have nothing between them, so they are one linear map; and
+# its input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16
+# (rule_hidden2) values, summed over the 9 neighbours. One index_select and one embedding_bag a
+# step advance all R rules at once (docs/speed.md: ~3x the plain rollout on a CPU). Its states
+# equal rollout_plain's (tests/test_method.py holds them on thousands of rules).
 
 @functools.lru_cache(maxsize=8)
 def torus_neighbours(size, device):
-    """(9, size*size): the flat index of each cell's 3x3 neighbourhood on the torus, in conv kernel order."""
+    """(9, size*size): the flat index of each cell's 3x3 neighbourhood on the torus, in conv
+    kernel order."""
     y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
     nbrs = [((y + dy) % size) * size + (x + dx) % size for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     return torch.stack(nbrs).view(9, -1).to(device)
@@ -220,14 +252,16 @@ def rollout(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
     conv1, conv2, conv3 = kernels
     R, S, _ = grid0.shape
     C, n, hidden, dev = S * S, conv3.size(1), conv2.size(1), grid0.device
-    table = torch.einsum('rcsij,roc->rijso', conv1, conv2).reshape(R * 9 * n, hidden)  # rule, neighbour, state
+    table = torch.einsum('rcsij,roc->rijso', conv1, conv2)  # (R, 9 neighbours, n states, hidden)
+    table = table.reshape(R * 9 * n, hidden)
     # cell c's 9 rows: r*9n + k*n + (the state of its neighbour k), read by one index_select
     # of the (R, 9, C) grid of states + r*9n + k*n
-    rule_and_neighbour = torch.arange(R, device=dev).view(R, 1, 1) * 9 + torch.arange(9, device=dev).view(1, 9, 1)
-    first_row = rule_and_neighbour.int() * n                                            # (R, 9, 1)
+    rule_and_neighbour = torch.arange(R, device=dev).view(R, 1, 1) * 9
+    rule_and_neighbour = rule_and_neighbour + torch.arange(9, device=dev).view(1, 9, 1)
+    first_row = rule_and_neighbour.int() * n                                  # (R, 9, 1)
     take = (torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
-    take = (take + torus_neighbours(S, dev).t()).flatten()                              # (R*C*9,)
-    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)                 # 9 rows a cell
+    take = (take + torus_neighbours(S, dev).t()).flatten()                    # (R*C*9,)
+    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)       # 9 rows a cell
     if temperature:
         us = uniform(keys, n_steps * C).view(R, n_steps, C)
     states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
@@ -246,17 +280,18 @@ def rollout(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
 
 # --- random numbers: a hash of (seed, purpose, index) ---------------------------
 # Every random number of the data is a pure function of (seed, what it is for, which rule or
-# sequence), by a counter-based hash, not a stateful generator: sequence i is the same whatever the
-# batch size, the number of GPUs, the device, or where a run resumed. make_key names a stream;
-# uniform and randint draw from it.
+# sequence), by a counter-based hash, not a stateful generator: sequence i is the same whatever
+# the batch size, the number of GPUs, the device, or where a run resumed. make_key names a
+# stream; uniform and randint draw from it.
 MASK32 = 0xFFFFFFFF
 RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE, REPEAT = range(1, 11)  # the purposes
 SPLITS = {'train': 0, 'val': 1}
 
 
 def mix32(x):
-    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never overflow). After the
-    first operation a tensor is hashed in place: big int64 temporaries would cost more than the arithmetic."""
+    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never
+    overflow). After the first operation a tensor is hashed in place: big int64 temporaries would
+    cost more than the arithmetic."""
     x = x ^ (x >> 16)
     for _ in range(2):
         x *= 0x45d9f3b
@@ -280,19 +315,22 @@ def hash_bits(keys, n):
 
 def uniform(keys, n):
     """keys (N,) -> (N, n) float32 uniforms strictly inside (0, 1)."""
-    return ((hash_bits(keys, n) >> 9).float() + 0.5) / 2 ** 23  # 23 bits: exact in float32, never 0 or 1
+    # 23 bits: exact in float32, never 0 or 1
+    return ((hash_bits(keys, n) >> 9).float() + 0.5) / 2 ** 23
 
 
 def randint(keys, n, high):
-    """keys (N,) -> (N, n) int64 in [0, high), from 62 random bits (uniform enough for any corpus)."""
+    """keys (N,) -> (N, n) int64 in [0, high), from 62 random bits (uniform enough for any
+    corpus)."""
     bits = hash_bits(keys, 2 * n).view(-1, n, 2)
     return ((bits[..., 0] << 30) ^ bits[..., 1]) % high
 
 
 def categorical(probs, u, dim=-1):
-    """Inverse-CDF sampling along dim: probs (..., n, ...), not necessarily normalised, and u uniforms of the
-    other dims -> indices: the first whose cumulative weight reaches u * total, i.e. how many fall short of it.
-    u is scaled by the total, so that rounding in the cumulative sum never picks an index of probability 0."""
+    """Inverse-CDF sampling along dim: probs (..., n, ...), not necessarily normalised, and u
+    uniforms of the other dims -> indices: the first whose cumulative weight reaches u * total,
+    i.e. how many fall short of it. u is scaled by the total, so that rounding in the cumulative
+    sum never picks an index of probability 0."""
     cdf = probs.cumsum(dim)
     return (cdf < u.unsqueeze(dim) * cdf.narrow(dim, -1, 1)).sum(dim)
 
@@ -308,14 +346,15 @@ def initial_grids(keys, n, size):
 
 # --- the patch tokenizer -------------------------------------------------------
 def frame_markers(n, p):
-    """START and END: the two ids after the n ** (p * p) patch tokens. A frame is START, its patches, END."""
+    """START and END: the two ids after the n ** (p * p) patch tokens. A frame is START, its
+    patches, END."""
     start = n ** (p * p)
     return start, start + 1
 
 
 def frame_tokens(frames, n, p):
-    """frames (R, T, S, S) -> (R, T, (S/p)**2) patch tokens, row-major; cell k of a patch (row-major)
-    is digit k of the token in base n."""
+    """frames (R, T, S, S) -> (R, T, (S/p)**2) patch tokens, row-major; cell k of a patch
+    (row-major) is digit k of the token in base n."""
     tokens = 0
     for k in range(p * p):  # cell k of every patch at once: a strided view, (R, T, S/p, S/p)
         tokens = tokens + frames[..., k // p::p, k % p::p] * n ** k
@@ -350,7 +389,7 @@ def detokenize(tokens, n, p, size):
 # A rule set is the first candidates of a seeded stream whose trajectories gzip to a ratio inside
 # the band. These functions read the NCA data config at the top (n_states, grid, patch, temperature,
 # burn_in, ...).
-MAX_CANDIDATES_PER_RULE = 100  # a band that keeps under 1% of the candidates stops early and says so
+MAX_CANDIDATES_PER_RULE = 100  # a band keeping under 1% of the candidates stops early, saying so
 _gzip_pool = ThreadPoolExecutor(os.cpu_count())  # zlib releases the GIL, so threads use every core
 _rule_sets = {}  # get_rule_set's cache
 
@@ -363,17 +402,20 @@ def gzip_ratio(tokens):
 
 
 def trajectories(rules, keys, n_frames):
-    """rules (R, P), keys (R,) -> (R, n_frames, S, S): the frames after burn-in, from each key's own random
-    grid. The grid and the sampling noise have streams of their own (a rule's key already made its weights)."""
+    """rules (R, P), keys (R,) -> (R, n_frames, S, S): the frames after burn-in, from each key's
+    own random grid. The grid and the sampling noise have streams of their own (a rule's key
+    already made its weights)."""
     grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
     kernels = unpack_rules(rules, n_states)
-    frames = rollout(kernels, grid0, burn_in + n_frames - 1, make_key(keys, NOISE), temperature, identity_bias)
+    n_steps = burn_in + n_frames - 1
+    frames = rollout(kernels, grid0, n_steps, make_key(keys, NOISE), temperature, identity_bias)
     return frames[:, burn_in:]
 
 
 def rule_complexity(rules, keys):
-    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames frames.
-    On a CPU 128 rules at a time: zlib's threads compress a part while the next one rolls out."""
+    """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames
+    frames. On a CPU 128 rules at a time: zlib's threads compress a part while the next one rolls
+    out."""
     chunk = 128 if rules.device.type == 'cpu' else max(len(rules), 1)
     ratios = []
     for i in range(0, len(rules), chunk):
@@ -391,15 +433,17 @@ def candidate_rules(split, rule_set, first, count):
 
 
 def rule_set_key(split, rule_set, count):
-    """What a rule set depends on: get_rule_set's cache key. The rule network's shape is part of it."""
+    """What a rule set depends on: get_rule_set's cache key. The rule network's shape is part of
+    it."""
     data = (grid, n_states, rule_hidden1, rule_hidden2, patch, temperature, identity_bias, burn_in,
             gzip_lower, gzip_upper, gzip_frames)
     return (split, rule_set, count, seed, device) + data
 
 
 def get_rule_set(split, rule_set, count, chunk=2048):
-    """Rejection sampling: the first `count` candidates of a rule set whose gzip ratio is in the band
-    -> rules (count, P) on the device. Cached: the training loop asks for the same set every batch."""
+    """Rejection sampling: the first `count` candidates of a rule set whose gzip ratio is in the
+    band -> rules (count, P) on the device. Cached: the training loop asks for the same set every
+    batch."""
     cache_key = rule_set_key(split, rule_set, count)
     if cache_key in _rule_sets:
         return _rule_sets[cache_key]
@@ -414,8 +458,8 @@ def get_rule_set(split, rule_set, count, chunk=2048):
         n_kept += len(kept[-1])
         tried += chunk
         give_up_if_rare(n_kept, tried, count, chunk, torch.cat(ratios), time.time() - t0)
-    print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} candidates in "
-          f"({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
+    print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} "
+          f"candidates in ({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
     if len(_rule_sets) >= 4:  # keep the current training and validation sets, drop older ones
         _rule_sets.pop(next(iter(_rule_sets)))
     _rule_sets[cache_key] = torch.cat(kept)[:count]
@@ -423,8 +467,9 @@ def get_rule_set(split, rule_set, count, chunk=2048):
 
 
 def give_up_if_rare(n_kept, tried, count, chunk, ratios, seconds):
-    """Stop a band that keeps nothing after 20 chunks, or whose pass rate (measured after 4) would need more
-    than MAX_CANDIDATES_PER_RULE candidates a rule: say the rate, the time it would take, the ratios' spread."""
+    """Stop a band that keeps nothing after 20 chunks, or whose pass rate (measured after 4) would
+    need more than MAX_CANDIDATES_PER_RULE candidates a rule: say the rate, the time it would take,
+    the ratios' spread."""
     if n_kept >= count or tried < 4 * chunk:
         return
     if n_kept == 0:
@@ -435,8 +480,9 @@ def give_up_if_rare(n_kept, tried, count, chunk, ratios, seconds):
     if rate >= 1 / MAX_CANDIDATES_PER_RULE:
         return
     minutes = (count - n_kept) / rate * seconds / tried / 60
-    stop_for_band(f"keeps {rate:.2%} of the candidates ({n_kept} of {tried}): {count} rules would take about "
-                  f"{count / rate:,.0f} candidates, {minutes:,.1f} more minutes", ratios)
+    stop_for_band(f"keeps {rate:.2%} of the candidates ({n_kept} of {tried}): {count} rules "
+                  f"would take about {count / rate:,.0f} candidates, {minutes:,.1f} more minutes",
+                  ratios)
 
 
 def no_rule_in_band(ratios):
@@ -446,8 +492,9 @@ def no_rule_in_band(ratios):
 def stop_for_band(verdict, ratios):
     """ratios: the gzip ratios of every candidate tried."""
     quantiles = ' / '.join(f'{v:.3f}' for v in np.quantile(ratios.cpu().numpy(), [0.1, 0.5, 0.9]))
-    die(f"the band ({gzip_lower}, {gzip_upper}) {verdict}; the gzip ratios of the {len(ratios)} candidates "
-        f"tried have the quantiles 10/50/90% {quantiles}: choose --gzip_lower and --gzip_upper around them")
+    die(f"the band ({gzip_lower}, {gzip_upper}) {verdict}; the gzip ratios of the {len(ratios)} "
+        f"candidates tried have the quantiles 10/50/90% {quantiles}: choose --gzip_lower and "
+        f"--gzip_upper around them")
 
 
 # --- the training batches ----------------------------------------------------------
@@ -456,7 +503,8 @@ def frame_len():
 
 
 def nca_sequences(rules, keys):
-    """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per sequence."""
+    """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per
+    sequence."""
     n_frames = -(-(block_size + 1) // frame_len())  # 27 frames at the defaults
     return tokenize(trajectories(rules, keys, n_frames), n_states, patch)[:, :block_size + 1]
 
@@ -467,39 +515,44 @@ def sequence_ids(index, batch_size):
 
 @torch.no_grad()
 def nca_batch(split, index, batch_size):
-    """Batch `index` of a split -> X, Y (B, block_size) long on the device, Y = -1 where there is no loss.
-    Sequence i is the i-th of the split: epoch i // R uses rule set epoch // rule_resample in a fresh
-    order, each rule once, with a fresh initial grid. Validation batches come from held-out rules."""
+    """Batch `index` of a split -> X, Y (B, block_size) long on the device, Y = -1 where there is
+    no loss. Sequence i is the i-th of the split: epoch i // R uses rule set epoch // rule_resample
+    in a fresh order, each rule once, with a fresh initial grid. Validation batches come from
+    held-out rules."""
     count = num_rules if split == 'train' else num_val_rules
     i = sequence_ids(index, batch_size)
     epoch = i // count
     rules = []
     for e in epoch.unique().tolist():  # a batch spans at most two epochs, in order
-        which = e // rule_resample if rule_resample else 0  # the authors' code: one set (rule_resample=0)
+        which = 0  # the authors' code: one set for the whole run (rule_resample=0)
+        if rule_resample:
+            which = e // rule_resample
         rule_set = get_rule_set(split, which, count)
-        order = uniform(make_key(seed, SPLITS[split], ORDER, torch.tensor([e], device=device)), count)[0].argsort()
+        order_key = make_key(seed, SPLITS[split], ORDER, torch.tensor([e], device=device))
+        order = uniform(order_key, count)[0].argsort()
         rules.append(rule_set[order[i[epoch == e] % count]])
     keys = make_key(seed, SPLITS[split], SEQUENCES, i)
     seq = nca_sequences(torch.cat(rules), keys)                          # (B, block_size + 1)
     start, _ = frame_markers(n_states, patch)
     if nca_shuffle:  # the control: the same patch tokens in a random order; START/END stay in place
-        is_patch = seq[0] < start                                         # the same places in every sequence
+        is_patch = seq[0] < start                          # the same places in every sequence
         order = uniform(make_key(keys, SHUFFLE), int(is_patch.sum())).argsort(-1)
         seq[:, is_patch] = seq[:, is_patch].gather(1, order)
     x, y = seq[:, :-1], seq[:, 1:].clone()
     y[:, :frame_len() - 1] = -1  # the first frame is context: the rule is inferred from it
-    if nca_loss == 'patches':    # START/END sit at fixed places: nothing to learn (the authors' code
-        y[y >= start] = -1       #   meant to mask them but did not: nca_loss='all')
+    if nca_loss == 'patches':    # START/END sit at fixed places: nothing to learn
+        y[y >= start] = -1       #   (the authors' code meant to mask them but did not: 'all')
     return x, y
 
 
 @torch.no_grad()
 def dyck_batch(split, index, batch_size):
-    """k-Dyck sequences (prefixes of balanced words, depth at most dyck_depth): token t < k opens bracket type
-    t, k + t closes it; where both moves are allowed, a bracket opens with probability dyck_p_open.
-    -> X, Y (B, block_size)."""
+    """k-Dyck sequences (prefixes of balanced words, depth at most dyck_depth): token t < k opens
+    bracket type t, k + t closes it; where both moves are allowed, a bracket opens with probability
+    dyck_p_open. -> X, Y (B, block_size)."""
     B, L = batch_size, block_size + 1
-    u = uniform(make_key(seed, SPLITS[split], DYCK, sequence_ids(index, batch_size)), 2 * L).view(B, L, 2)
+    key = make_key(seed, SPLITS[split], DYCK, sequence_ids(index, batch_size))
+    u = uniform(key, 2 * L).view(B, L, 2)
     stack = torch.zeros(B, dyck_depth, dtype=torch.long, device=device)  # open bracket types
     depth = torch.zeros(B, dtype=torch.long, device=device)
     seq = torch.empty(B, L, dtype=torch.long, device=device)
@@ -529,8 +582,8 @@ def dataset_meta(folder, name):
 
 
 def data_file(split):
-    """The path of a split of --dataset, checked: sft reads prompt/answer pairs, lm token ids (meta.json
-    counts them)."""
+    """The path of a split of --dataset, checked: sft reads prompt/answer pairs, lm token ids
+    (meta.json counts them)."""
     if stage == 'sft':
         path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
         if not os.path.exists(path):
@@ -540,7 +593,8 @@ def data_file(split):
     path = os.path.join(data_dir, dataset, f'{split}.bin')
     n = dataset_meta(data_dir, dataset).get(f'{split}_tokens')
     if n is None:
-        die(f"{dataset} is a benchmark, not a corpus: --stage lm trains on one that prepare_data.py tokenises")
+        die(f"{dataset} is a benchmark, not a corpus: --stage lm trains on one that "
+            f"prepare_data.py tokenises")
     if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
         die(f"{path} is missing or not {n} uint16 tokens as meta.json says: "
             f"run `python prepare_data.py {dataset}`")
@@ -550,8 +604,10 @@ def data_file(split):
 
 
 def lm_batch(split, index, batch_size):
-    """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the batch index."""
-    data = np.memmap(data_file(split), dtype=np.uint16, mode='r')  # opened each batch: a long-lived memmap leaks
+    """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the
+    batch index."""
+    # opened each batch: a long-lived memmap leaks
+    data = np.memmap(data_file(split), dtype=np.uint16, mode='r')
     key = make_key(seed, SPLITS[split], LM, torch.tensor([index]))
     starts = randint(key, batch_size, len(data) - block_size - 1)[0]
     windows = np.stack([data[s:s + block_size + 1] for s in starts.tolist()])
@@ -566,15 +622,17 @@ def sft_examples(split):
         encode, _, eot = text_codec(kind)
         rows = [json.loads(line) for line in open(path) if line.strip()]
         prompts = [encode(r['prompt']) for r in rows]
-        _sft_cache[path, kind] = [(p + encode(r['answer']) + [eot], len(p)) for p, r in zip(prompts, rows)]
+        examples = [(p + encode(r['answer']) + [eot], len(p)) for p, r in zip(prompts, rows)]
+        _sft_cache[path, kind] = examples
     return _sft_cache[path, kind]
 
 
 def sft_batch(split, index, batch_size):
-    """Fine-tuning batches: X, Y (B, block_size), loss on the answer only. Each epoch visits every example
-    once, in an order hashed from (seed, epoch)."""
+    """Fine-tuning batches: X, Y (B, block_size), loss on the answer only. Each epoch visits every
+    example once, in an order hashed from (seed, epoch)."""
     examples = sft_examples(split)
-    x = torch.zeros((batch_size, block_size), dtype=torch.long)  # padding: after the answer, never a target
+    # padding: after the answer, never a target
+    x = torch.zeros((batch_size, block_size), dtype=torch.long)
     y = torch.full((batch_size, block_size), -1, dtype=torch.long)
     orders = {}  # epoch -> its order of the examples
     for b, i in enumerate(sequence_ids(index, batch_size).tolist()):
@@ -591,11 +649,13 @@ def sft_batch(split, index, batch_size):
 
 def gpt2_encoding():
     import tiktoken
-    return tiktoken.get_encoding('r50k_base')  # GPT-2's ranks; needs one file, cached (TIKTOKEN_CACHE_DIR)
+    # GPT-2's ranks; needs one file, cached (TIKTOKEN_CACHE_DIR)
+    return tiktoken.get_encoding('r50k_base')
 
 
 def text_codec(kind):
-    """A language vocabulary ('gpt2' or 'bytes') -> encode (str -> ids), decode (ids -> str), end-of-text id."""
+    """A language vocabulary ('gpt2' or 'bytes') -> encode (str -> ids), decode (ids -> str),
+    end-of-text id."""
     if kind == 'bytes':  # UTF-8 bytes; 256 ends a document
         def decode(ids):
             return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
@@ -610,7 +670,8 @@ def get_batch(split, index):
 
 
 def stage_vocab():
-    """What the token ids of this stage mean; the embedding and head are sized (and padded) from it."""
+    """What the token ids of this stage mean; the embedding and head are sized (and padded) from
+    it."""
     if stage == 'nca':
         _, end = frame_markers(n_states, patch)
         return dict(kind='nca', size=end + 1, n_states=n_states, patch=patch, grid=grid)
@@ -619,7 +680,8 @@ def stage_vocab():
     if stage == 'lm':  # what prepare_data.py wrote: GPT-2 tokens or bytes
         meta = dataset_meta(data_dir, dataset)
         return dict(kind=meta.get('tokenizer', 'gpt2'), size=meta.get('vocab_size', 50257))
-    if stage == 'sft':  # from scratch; from a checkpoint, fine-tuning keeps the checkpoint's vocabulary
+    # from scratch; from a checkpoint, fine-tuning keeps the checkpoint's vocabulary
+    if stage == 'sft':
         return dict(kind='gpt2', size=50257)
     die(f"no vocabulary for --stage={stage}: the stages are nca, dyck, lm and sft")
 
@@ -633,7 +695,8 @@ def rotary(T, head_dim, device, theta=1e4):
 
 
 def apply_rotary(x, cos, sin):
-    """x (B, nh, T, hs): rotate the pairs (x1, x2) made of its two halves (HF Llama's convention)."""
+    """x (B, nh, T, hs): rotate the pairs (x1, x2) made of its two halves (HF Llama's
+    convention)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -651,7 +714,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                                 # each (B, nh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:  # sampling: keys and values of positions < pos are cached in kv (B, nh, T_max, hs) x 2
+        # sampling: keys and values of positions < pos are cached in kv, (B, nh, T_max, hs) x 2
+        if kv is not None:
             kv[0][:, :, pos:pos + T] = k
             kv[1][:, :, pos:pos + T] = v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
@@ -687,8 +751,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0, head_bias=False,
-                 emb_init='normal', scale_residual=True):
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size, dropout=0.0,
+                 head_bias=False, emb_init='normal', scale_residual=True):
         super().__init__()
         self.n_layer = n_layer
         self.n_head = n_head
@@ -698,11 +762,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
         self.norm = nn.RMSNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=head_bias)
-        self.torch_init = authors_torch_init(self, emb_init)  # the authors' recipe, where it applies
+        # the authors' recipe, where it applies
+        self.torch_init = authors_torch_init(self, emb_init)
         self.apply(self.init_weights)
 
     def init_weights(self, module):
-        """GPT-2's: N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 n_layer)."""
+        """GPT-2's: N(0, 0.02), the projections into the residual stream scaled by
+        1/sqrt(2 n_layer)."""
         if module in self.torch_init:
             module.reset_parameters()
         elif isinstance(module, (nn.Linear, nn.Embedding)):
@@ -725,24 +791,31 @@ class GPT(nn.Module):
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        flat_logits = logits.float().view(-1, logits.size(-1))
+        loss = F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def new_cache(self, batch_size, max_len, dtype, device):
         """Empty key/value buffers for sampling: per layer (k, v), each (B, nh, max_len, hs)."""
         shape = (batch_size, self.n_head, max_len, self.wte.embedding_dim // self.n_head)
-        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-                for _ in self.blocks]
+        cache = []
+        for _ in self.blocks:
+            k = torch.empty(shape, dtype=dtype, device=device)
+            v = torch.empty(shape, dtype=dtype, device=device)
+            cache.append((k, v))
+        return cache
 
     def flops_per_token(self, T):
-        """Training FLOPs per token: 6 per weight plus attention's 12 * L * C * T (PaLM appendix B)."""
+        """Training FLOPs per token: 6 per weight plus attention's 12 * L * C * T (PaLM appendix
+        B)."""
         N = sum(p.numel() for p in self.parameters()) - self.wte.weight.numel()
         return 6 * N + 12 * self.n_layer * self.wte.embedding_dim * T
 
 
 # ==== 3. Transfer: keep the blocks, re-initialise the embedding and the head ====
 def parts(spec, model):
-    """'attn:0-11,mlp,norm,emb,head' -> the modules it names (a layer range applies to attn, mlp, norm)."""
+    """'attn:0-11,mlp,norm,emb,head' -> the modules it names (a layer range applies to attn, mlp,
+    norm)."""
     found = []
     for item in filter(None, spec.split(',')):
         name, _, layers = item.partition(':')
@@ -761,14 +834,15 @@ def parts(spec, model):
         elif name in ('attn', 'mlp'):
             found += [getattr(b, name) for b in blocks]
         else:
-            die(f"cannot read {item!r} in {spec!r}: parts are attn, mlp, norm (with an optional :first-last "
-                f"layer range), emb, head")
+            die(f"cannot read {item!r} in {spec!r}: parts are attn, mlp, norm (with an optional "
+                f":first-last layer range), emb, head")
     return found
 
 
 def transfer(model, source, same_vocab, keep=False):
-    """Load a checkpoint of another stage into a model of this stage's vocabulary. keep: the embedding and
-    head too (the same vocabulary: lm -> sft, or the paper's "C4, no re-init" control)."""
+    """Load a checkpoint of another stage into a model of this stage's vocabulary. keep: the
+    embedding and head too (the same vocabulary: lm -> sft, or the paper's "C4, no re-init"
+    control)."""
     if keep and not same_vocab:
         die("keeping the embedding and head needs the same vocabulary in both stages: sft and "
             "--keep_embeddings start from an lm checkpoint")
@@ -776,9 +850,10 @@ def transfer(model, source, same_vocab, keep=False):
     ours = dict(n_layer=model.n_layer, n_head=model.n_head, n_embd=model.wte.embedding_dim)
     for k, mine in ours.items():
         if k in theirs and theirs[k] != mine:
-            die(f"the checkpoint's blocks do not fit this model: the checkpoint has --{k}={theirs[k]}, this "
-                f"run --{k}={mine}: give --{k}={theirs[k]}")
-    state = {k: v for k, v in source['model'].items() if keep or not k.startswith(('wte.', 'head.'))}
+            die(f"the checkpoint's blocks do not fit this model: the checkpoint has "
+                f"--{k}={theirs[k]}, this run --{k}={mine}: give --{k}={theirs[k]}")
+    state = {k: v for k, v in source['model'].items()
+             if keep or not k.startswith(('wte.', 'head.'))}
     target = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
                   for k, v in state.items() if k in target and v.shape != target[k].shape]
@@ -788,8 +863,8 @@ def transfer(model, source, same_vocab, keep=False):
         found = mismatched + missing[:5] + [f"{k} not in this model" for k in unexpected[:5]]
         die(f"the checkpoint's blocks do not fit this model ({'; '.join(found)}): give the same "
             f"--n_layer/--n_head/--n_embd as the checkpoint's")
-    model.load_state_dict(state, strict=False)          # wte and head keep their fresh initialisation
-    for module in parts(reinit, model):                 # the paper's ablations: re-initialise more
+    model.load_state_dict(state, strict=False)  # wte and head keep their fresh initialisation
+    for module in parts(reinit, model):         # the paper's ablations: re-initialise more
         module.apply(model.init_weights)
     for module in parts(freeze, model):
         module.requires_grad_(False)
@@ -797,11 +872,12 @@ def transfer(model, source, same_vocab, keep=False):
 
 # ==== 4. Training: one loop for every stage ==================================
 # --- where the authors' recipe changes the method ------------------------------
-# --recipe=authors (RECIPES, in the appendix) trains as the authors' code does. Most of its items are plain
-# values (no clipping in stage 1, AdamW's decay, beta2, dropout, the vocabulary's padding, fp16);
-# the five below change how the method computes, each behind its own flag, and this is every place
-# they act:
-#   emb_init='torch', head_bias  -> authors_torch_init: torch's own init for the fresh embedding and head
+# --recipe=authors (RECIPES, in the appendix) trains as the authors' code does. Most of its items
+# are plain values (no clipping in stage 1, AdamW's decay, beta2, dropout, the vocabulary's
+# padding, fp16); the five below change how the method computes, each behind its own flag, and
+# this is every place they act:
+#   emb_init='torch', head_bias  -> authors_torch_init: torch's own init for the fresh embedding
+#                                   and head
 #   scale_residual=False         -> GPT.init_weights: 0.02 for the residual projections too
 #   warmup_zero                  -> get_lr: the warm-up starts at 0
 #   decay_all                    -> optimizer_groups: weight decay on the norms too
@@ -810,8 +886,9 @@ def transfer(model, source, same_vocab, keep=False):
 # nca_batch.
 
 def authors_torch_init(model, emb_init):
-    """The modules the authors' code leaves at torch's own initialisation: stage 2's new embedding N(0, 1)
-    and head U(+-1/sqrt(d)) (emb_init='torch'), and their stage-1 head with a bias (made outside HF's init)."""
+    """The modules the authors' code leaves at torch's own initialisation: stage 2's new embedding
+    N(0, 1) and head U(+-1/sqrt(d)) (emb_init='torch'), and their stage-1 head with a bias (made
+    outside HF's init)."""
     modules = []
     if emb_init == 'torch':
         modules += [model.wte, model.head]
@@ -833,17 +910,20 @@ def get_lr(it):
 
 
 def optimizer_groups(model):
-    """AdamW's parameter groups: weight decay on the matrices, not on the norms (decay_all: on every one)."""
+    """AdamW's parameter groups: weight decay on the matrices, not on the norms (decay_all: on
+    every one)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decayed = [p for p in params if p.dim() >= 2 or decay_all]
     other = [p for p in params if p.dim() < 2 and not decay_all]
-    return [{'params': decayed, 'weight_decay': weight_decay}, {'params': other, 'weight_decay': 0.0}]
+    return [{'params': decayed, 'weight_decay': weight_decay},
+            {'params': other, 'weight_decay': 0.0}]
 
 
 def micro_step_loss(loss, micro_steps, world):
-    """What a micro-step backpropagates: the update's gradient is the mean over its micro-steps, or (clip_sum,
-    the authors' stage 2) their sum, so that clipping sees a norm micro_steps times larger. DDP averages over
-    processes, hence x world. Under Adam only clipping and eps see the difference."""
+    """What a micro-step backpropagates: the update's gradient is the mean over its micro-steps, or
+    (clip_sum, the authors' stage 2) their sum, so that clipping sees a norm micro_steps times
+    larger. DDP averages over processes, hence x world. Under Adam only clipping and eps see the
+    difference."""
     if clip_sum:
         return loss * world
     return loss / micro_steps
@@ -855,11 +935,13 @@ def tokens_per_iter():
 
 
 def token_losses(logits, y):
-    return F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction='none')  # (B, T)
+    logits = logits.float().transpose(1, 2)  # (B, V, T)
+    return F.cross_entropy(logits, y, ignore_index=-1, reduction='none')  # (B, T)
 
 
 def repeated_tokens(index, batch_size, length):
-    """The induction test: random tokens (no end-of-text) repeated once -> X, Y (B, 2 * length - 1)."""
+    """The induction test: random tokens (no end-of-text) repeated once
+    -> X, Y (B, 2 * length - 1)."""
     key = make_key(seed, SPLITS['val'], REPEAT, sequence_ids(index, batch_size))
     r = randint(key, length, vocab['size'] - 1)
     seq = torch.cat([r, r], dim=1)
@@ -867,10 +949,10 @@ def repeated_tokens(index, batch_size, length):
 
 
 def in_context_scores(position_loss, repeat_loss):
-    """The in-context probe on language, from the mean loss at each position of held-out text (T,) and of
-    repeated_tokens (2L - 1,). icl: the last tenth of the context minus positions 5-15% (Olsson et al. 2022:
-    token 500 minus token 50 of 512); induction: the second copy minus the first. Negative: learned from the
-    context."""
+    """The in-context probe on language, from the mean loss at each position of held-out text (T,)
+    and of repeated_tokens (2L - 1,). icl: the last tenth of the context minus positions 5-15%
+    (Olsson et al. 2022: token 500 minus token 50 of 512); induction: the second copy minus the
+    first. Negative: learned from the context."""
     T = len(position_loss)
     L = (len(repeat_loss) + 1) // 2
     icl = position_loss[-T // 10:].mean() - position_loss[T // 20:3 * T // 20].mean()
@@ -880,8 +962,9 @@ def in_context_scores(position_loss, repeat_loss):
 
 @torch.no_grad()
 def evaluate(model, ctx):
-    """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the in-context
-    signal: later frames should be easier once the rule is inferred; for language the in-context probe."""
+    """Mean validation loss; for NCA also the loss by frame position and next-frame accuracy, the
+    in-context signal: later frames should be easier once the rule is inferred; for language the
+    in-context probe."""
     model.eval()
     losses = []
     frame_sum = frame_count = by_position = repeat = 0
@@ -899,20 +982,23 @@ def evaluate(model, ctx):
                 by_position = by_position + token_losses(logits, y).mean(0) / eval_iters
                 repeat = repeat + token_losses(model(rx)[0], ry).mean(0) / eval_iters
         if stage == 'nca':
-            mask = (y != -1) & (y < start)                            # the patch tokens of frames 1, 2, ...
-            frame = (torch.arange(y.size(1), device=y.device) + 1) // L  # (T,) the frame of each target
-            frame_sum = frame_sum + sum_by_frame(frame, (token_losses(logits, y) * mask).sum(0))
+            mask = (y != -1) & (y < start)  # the patch tokens of frames 1, 2, ...
+            frame = (torch.arange(y.size(1), device=y.device) + 1) // L  # (T,) each target's frame
+            losses_at = (token_losses(logits, y) * mask).sum(0)  # (T,)
+            frame_sum = frame_sum + sum_by_frame(frame, losses_at)
             frame_count = frame_count + sum_by_frame(frame, mask.sum(0).float())
             correct += ((logits.argmax(-1) == y) & mask).sum().item()
             # the copy baseline: each patch predicted as the token at its place one frame earlier
-            copied += ((x[:, :x.size(1) - L + 1] == y[:, L - 1:]) & mask[:, L - 1:]).sum().item()
+            same = (x[:, :x.size(1) - L + 1] == y[:, L - 1:]) & mask[:, L - 1:]
+            copied += same.sum().item()
             total += mask.sum().item()
     model.train()
     se = np.std(losses) / math.sqrt(max(len(losses) - 1, 1))
     out = dict(val_loss=float(np.mean(losses)), val_loss_se=float(se))
     if stage == 'nca':
         whole = (block_size + 1) // L  # frames 1 .. whole - 1 fit whole in a sequence
-        out['frame_loss'] = [round(v, 4) for v in (frame_sum / frame_count)[1:whole].tolist()]  # frames 1, 2, ...
+        frame_loss = (frame_sum / frame_count)[1:whole]  # frames 1, 2, ...
+        out['frame_loss'] = [round(v, 4) for v in frame_loss.tolist()]
         out['next_frame_acc'] = correct / total
         out['copy_frame_acc'] = copied / total
     if stage == 'lm':
@@ -936,15 +1022,20 @@ def train():
         if device == 'cuda':
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        backend = 'gloo'
+        if device.startswith('cuda'):
+            backend = 'nccl'
+        torch.distributed.init_process_group(backend=backend)
         if gradient_accumulation_steps % world:
-            die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
-                f"{world} processes")
+            die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
+                f"of the {world} processes")
     master = rank == 0
-    micro_steps = gradient_accumulation_steps // world  # per process; together the same update as one process
+    # per process; together the same update as one process
+    micro_steps = gradient_accumulation_steps // world
     device_type = 'cuda' if device.startswith('cuda') else device
     dtype = dtype or default_dtype(device_type)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    ptdtype = dtypes[dtype]
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     torch.manual_seed(seed + rank)  # model init (overwritten on resume) and dropout
     if device_type == 'cuda':
@@ -957,7 +1048,8 @@ def train():
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path)
         if checkpoint['stage'] != stage:
-            die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with that stage")
+            die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with "
+                f"that stage")
         vocab = checkpoint['vocab']
     elif init_from != 'scratch':
         source = load_checkpoint(init_from)
@@ -969,10 +1061,11 @@ def train():
         vocab = source['vocab'] if source and stage == 'sft' else stage_vocab()
 
     # the model: from scratch, resumed, or the blocks of another stage's checkpoint
-    padded_vocab = -(-vocab['size'] // pad_vocab) * pad_vocab  # a multiple of 64: faster matmuls; the rest unused
+    # a multiple of 64: faster matmuls; the rows past the vocabulary are never used
+    padded_vocab = -(-vocab['size'] // pad_vocab) * pad_vocab
     model_args = dict(vocab_size=padded_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                      block_size=block_size, dropout=dropout, head_bias=head_bias, emb_init=emb_init,
-                      scale_residual=scale_residual)
+                      block_size=block_size, dropout=dropout, head_bias=head_bias,
+                      emb_init=emb_init, scale_residual=scale_residual)
     iter_num, best_val_loss = 0, float('inf')
     if checkpoint:
         model_args = checkpoint['model_args']
@@ -1008,14 +1101,18 @@ def train():
         write_run_file(model_args)
 
     def save(it):
-        rng = [(torch.get_rng_state(), torch.cuda.get_rng_state() if device_type == 'cuda' else None)]  # dropout
+        cuda_rng = None
+        if device_type == 'cuda':
+            cuda_rng = torch.cuda.get_rng_state()
+        rng = [(torch.get_rng_state(), cuda_rng)]  # the dropout streams
         if ddp:  # each process's stream, so that a resume continues all of them
             mine, rng = rng[0], [None] * world
             torch.distributed.all_gather_object(rng, mine)
         if master:
-            ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                        iter_num=it, best_val_loss=best_val_loss, config={k: globals()[k] for k in config_keys},
-                        stage=stage, vocab=vocab, rng=rng)
+            config = {k: globals()[k] for k in config_keys}
+            ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                        model_args=model_args, iter_num=it, best_val_loss=best_val_loss,
+                        config=config, stage=stage, vocab=vocab, rng=rng)
             write_or_stop(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
         progress['saved'] = it
 
@@ -1028,7 +1125,8 @@ def train():
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        resumed_here = init_from == 'resume' and iter_num == start_iter  # evaluated before it stopped
+        # a resumed step was evaluated before the run stopped
+        resumed_here = init_from == 'resume' and iter_num == start_iter
         if iter_num % eval_interval == 0 and not resumed_here or iter_num == max_iters:
             stats = evaluate(model, ctx)
             check_finite(stats['val_loss'], iter_num, 'validation', ckpt_path)
@@ -1059,19 +1157,23 @@ def train():
         if iter_num % log_interval == 0:
             if ddp:
                 torch.distributed.all_reduce(loss_sum)
-            lossf = loss_sum.item() / gradient_accumulation_steps  # the update's mean loss; a sync, so only here
+            # the update's mean loss; item() waits for the GPU, so only here
+            lossf = loss_sum.item() / gradient_accumulation_steps
             check_finite(lossf, iter_num, 'training', ckpt_path)
             dt, t_last = (time.time() - t_last) / log_interval, time.time()
             mfu = f" | mfu {flops_per_iter / dt / peak_flops:.1%}" if peak_flops else ''
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             if master:
                 rate = tokens_per_iter() / dt
-                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s{mfu} | "
-                      f"eta {eta / 60:.1f} min")
-                log_write(log, dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=rate, time=time.time() - t_start))
+                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | "
+                      f"{rate:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
+                record = dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=rate,
+                              time=time.time() - t_start)
+                log_write(log, record)
     if master:
-        print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {(time.time() - t_start) / 60:.1f} "
-              f"min; val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")
+        minutes = (time.time() - t_start) / 60
+        print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {minutes:.1f} min; "
+              f"val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")
     if ddp:
         torch.distributed.destroy_process_group()
 
@@ -1086,40 +1188,47 @@ def restore_rng(checkpoint, rank, device_type):
 
 def check_finite(value, it, what, ckpt_path):
     if not math.isfinite(value):
-        die(f"the {what} loss is {value} at step {it}: stopping. The last good checkpoint is {ckpt_path} "
-            f"(if any); try a lower --learning_rate or --dtype=float32")
+        die(f"the {what} loss is {value} at step {it}: stopping. The last good checkpoint is "
+            f"{ckpt_path} (if any); try a lower --learning_rate or --dtype=float32")
 
 
 # ==== Appendix: presets and recipes ===========================================
 # Presets set many values at once, for every stage ('all') and for one.
-PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4, weight_decay=1e-4, min_lr=0.0,
-                max_iters=17200, warmup_iters=1720, lr_decay_iters=17200)  # OpenWebText; code: lr 2e-4, 24k steps
-FINETUNE = dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0, warmup_iters=0,
-                lr_decay_iters=0)
+# OpenWebText (the authors' code: lr 2e-4, 24k steps)
+PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4,
+                weight_decay=1e-4, min_lr=0.0, max_iters=17200, warmup_iters=1720,
+                lr_decay_iters=17200)
+FINETUNE = dict(batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-5, epochs=10.0,
+                warmup_iters=0, lr_decay_iters=0)
 PRESETS = {
     # any CPU, a few minutes, every stage. Not the paper's NCA data: 2 states show in-context
     # learning in minutes
     'tiny': {
-        'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8, gradient_accumulation_steps=1,
-                    learning_rate=3e-3, min_lr=3e-4, beta2=0.95, max_iters=300, warmup_iters=30,
-                    lr_decay_iters=300, eval_interval=100, eval_iters=4, log_interval=20, num_rules=2000,
-                    num_val_rules=200),
-        'nca': dict(n_states=2, gzip_lower=0.1, block_size=512, batch_size=4, max_iters=1000, warmup_iters=50,
-                    lr_decay_iters=1000, eval_interval=250, eval_iters=8, log_interval=50),
+        'all': dict(n_layer=2, n_head=4, n_embd=128, block_size=256, batch_size=8,
+                    gradient_accumulation_steps=1, learning_rate=3e-3, min_lr=3e-4, beta2=0.95,
+                    max_iters=300, warmup_iters=30, lr_decay_iters=300, eval_interval=100,
+                    eval_iters=4, log_interval=20, num_rules=2000, num_val_rules=200),
+        'nca': dict(n_states=2, gzip_lower=0.1, block_size=512, batch_size=4, max_iters=1000,
+                    warmup_iters=50, lr_decay_iters=1000, eval_interval=250, eval_iters=8,
+                    log_interval=50),
         'sft': dict(learning_rate=2e-4, min_lr=2e-5, epochs=1.0)},
     # one GPU: GPT-2 small's depth and width (113M parameters without embedding and head) on the
     # paper's 164M NCA tokens
     'small': {
         'all': dict(n_layer=12, n_head=12, n_embd=768, beta2=0.95, compile=True, eval_interval=500),
-        'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
-        'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4, stop_at_peak=True),
-        'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4, weight_decay=1e-4,
-                   max_iters=5000, warmup_iters=500, lr_decay_iters=5000, min_lr=6e-5),
+        'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4,
+                    stop_at_peak=True),
+        'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4,
+                     stop_at_peak=True),
+        'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4,
+                   weight_decay=1e-4, max_iters=5000, warmup_iters=500, lr_decay_iters=5000,
+                   min_lr=6e-5),
         'sft': FINETUNE},
     # the paper: 1.6B parameters; NCA: Adam 1e-4, 32 x 1024 tokens, 5,000 updates, stop at the end
     # of warm-up
     'paper': {
-        'all': dict(n_layer=24, n_head=32, n_embd=2048, recipe='authors', compile=True, eval_interval=500),
+        'all': dict(n_layer=24, n_head=32, n_embd=2048, recipe='authors', compile=True,
+                    eval_interval=500),
         'nca': dict(stop_at_peak=True),
         'dyck': dict(stop_at_peak=True),
         'lm': PAPER_LM,
@@ -1131,31 +1240,34 @@ PRESETS = {
 # defaults), src/nca_ppt.py (Adam, no clipping), src/openwebtext_pt.py (AdamW on every parameter,
 # the summed micro-step losses clipped at 1.0, fp16), utils/util.py (warm-up from 0, cosine to 0),
 # models.py's attention_dropout=0.1. The command line still wins.
-AUTHORS_STAGE1 = dict(head_bias=True, pad_vocab=64000, grad_clip=0.0, weight_decay=0.0, nca_loss='all',
-                      rule_resample=0)
-AUTHORS_STAGE2 = dict(emb_init='torch', pad_vocab=1, clip_sum=True, grad_clip=1.0, weight_decay=1e-4,
-                      dtype='float16')
-AUTHORS_ALL = dict(beta2=0.999, dropout=0.1, scale_residual=False, decay_all=True, warmup_zero=True, min_lr=0.0)
+AUTHORS_STAGE1 = dict(head_bias=True, pad_vocab=64000, grad_clip=0.0, weight_decay=0.0,
+                      nca_loss='all', rule_resample=0)
+AUTHORS_STAGE2 = dict(emb_init='torch', pad_vocab=1, clip_sum=True, grad_clip=1.0,
+                      weight_decay=1e-4, dtype='float16')
+AUTHORS_ALL = dict(beta2=0.999, dropout=0.1, scale_residual=False, decay_all=True,
+                   warmup_zero=True, min_lr=0.0)
 RECIPES = {
     'project': {},
-    'authors': {'all': AUTHORS_ALL, 'nca': AUTHORS_STAGE1, 'dyck': AUTHORS_STAGE1, 'lm': AUTHORS_STAGE2,
-                'sft': AUTHORS_STAGE2},
+    'authors': {'all': AUTHORS_ALL, 'nca': AUTHORS_STAGE1, 'dyck': AUTHORS_STAGE1,
+                'lm': AUTHORS_STAGE2, 'sft': AUTHORS_STAGE2},
 }
-CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'], 'recipe': list(RECIPES),
-           'dtype': ['', 'float32', 'bfloat16', 'float16'], 'nca_loss': ['patches', 'all'], 'band': ['', 'auto'],
-           'emb_init': ['normal', 'torch']}
+CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
+           'recipe': list(RECIPES), 'dtype': ['', 'float32', 'bfloat16', 'float16'],
+           'nca_loss': ['patches', 'all'], 'band': ['', 'auto'], 'emb_init': ['normal', 'torch']}
 
 
 # ==== Appendix: the command line ================================================
-SCRIPT = 'nca_gpt.py'  # what this script's errors start with (die); eval.py, checking NCA options, sets its own
+SCRIPT = 'nca_gpt.py'  # what this script's errors start with (die); eval.py sets its own
 command_line = []      # main(): this run's arguments, for the command that resumes it
-progress = {}          # train(): the step reached and the last checkpoint's, for the messages on Ctrl-C
+progress = {}          # train(): the step reached and the last checkpoint's, for the messages
+                       #   on Ctrl-C
 
 
 def configure(argv):
-    """Resolve the config once, in the README's order: the values above < the preset (its 'all', then the
-    stage's) < the recipe < the command line; then the run's length. A length given (--max_iters, --max_tokens,
-    --epochs) keeps the preset's warm-up and decay as shares of it. Sets the module's values -> notes to print."""
+    """Resolve the config once, in the README's order: the values above < the preset (its 'all',
+    then the stage's) < the recipe < the command line; then the run's length. A length given
+    (--max_iters, --max_tokens, --epochs) keeps the preset's warm-up and decay as shares of it.
+    Sets the module's values -> notes to print."""
     overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, CHOICES)
     if rest:
         die(f"unexpected argument {rest[0]!r}: options look like --key=value")
@@ -1166,13 +1278,15 @@ def configure(argv):
     name = overrides.get('preset', preset) or ('small' if devices()[0] == 'cuda' else 'tiny')
     values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(this_stage, {})}
     values['recipe'] = overrides.get('recipe', values.get('recipe', recipe))
-    values.update(RECIPES[values['recipe']].get('all', {}), **RECIPES[values['recipe']].get(this_stage, {}))
+    recipe_values = RECIPES[values['recipe']]
+    values.update(recipe_values.get('all', {}), **recipe_values.get(this_stage, {}))
     if not (overrides.get('device') or devices()[0]).startswith('cuda'):
         values['compile'] = False  # compiling pays on a GPU only (--compile=true still asks for it)
-        values.pop('dtype', None)  # and a recipe's fp16 is a GPU's: a CPU trains in float32 (unless --dtype says)
+        values.pop('dtype', None)  # and a recipe's fp16 is a GPU's: a CPU trains in float32
     notes = preset_notes(name, values, overrides)
     globals().update(values, preset=name)
-    shares = {k: globals()[k] / max(max_iters, 1) for k in ('warmup_iters', 'lr_decay_iters') if k not in overrides}
+    shares = {k: globals()[k] / max(max_iters, 1)
+              for k in ('warmup_iters', 'lr_decay_iters') if k not in overrides}
     if lengths:
         globals()['epochs'] = 0.0  # a length given beats the preset's epochs
     globals().update(overrides)
@@ -1194,21 +1308,23 @@ def preset_notes(name, values, overrides):
     preset_data = any(k in values and k not in overrides for k in ('n_states', 'gzip_lower'))
     if preset_data and 'band' not in overrides:
         now = {**globals(), **values, **overrides}
-        notes.append(f"the {name} preset's NCA data is NOT the paper's: {now['n_states']} states, gzip band "
-                     f"({now['gzip_lower']}, {now['gzip_upper']}), so that a CPU shows in-context learning in "
-                     f"minutes (the paper's: --n_states=10 --gzip_lower=0.5)")
+        notes.append(f"the {name} preset's NCA data is NOT the paper's: {now['n_states']} states, "
+                     f"gzip band ({now['gzip_lower']}, {now['gzip_upper']}), so that a CPU shows "
+                     f"in-context learning in minutes (the paper's: --n_states=10 "
+                     f"--gzip_lower=0.5)")
     return '; '.join(notes)
 
 
 def set_length(shares):
-    """The run's updates (given, or from a token budget, or passes over the data), then its schedule: warm-up
-    and decay as `shares` of it where they were not given."""
+    """The run's updates (given, or from a token budget, or passes over the data), then its
+    schedule: warm-up and decay as `shares` of it where they were not given."""
     global max_iters, warmup_iters, lr_decay_iters
     if max_tokens:
         max_iters = -(-max_tokens // tokens_per_iter())
     elif epochs:  # an epoch: every training rule once (nca), every example once (sft)
         n_examples = num_rules if stage == 'nca' else count_examples(data_file('train'))
-        max_iters = math.ceil(epochs * n_examples / (batch_size * gradient_accumulation_steps))
+        sequences_per_iter = batch_size * gradient_accumulation_steps
+        max_iters = math.ceil(epochs * n_examples / sequences_per_iter)
     if 'warmup_iters' in shares:
         warmup_iters = round(shares['warmup_iters'] * max_iters)
     if 'lr_decay_iters' in shares:
@@ -1223,12 +1339,15 @@ def count_examples(path):
 
 
 def check_ranges():
-    """What the run's length is worked out from: values that must be at least 1, or 0, and --epochs' stage."""
-    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'gradient_accumulation_steps',
-            'n_layer', 'n_head', 'n_embd', 'block_size', 'grid', 'patch', 'n_states', 'rule_hidden1',
-            'rule_hidden2', 'gzip_frames', 'num_rules', 'num_val_rules', 'dyck_k', 'dyck_depth', 'pad_vocab')
-    zeros = ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
-             'weight_decay', 'grad_clip', 'burn_in', 'temperature', 'rule_resample', 'dropout', 'dyck_p_open')
+    """What the run's length is worked out from: values that must be at least 1, or 0, and
+    --epochs' stage."""
+    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size',
+            'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd', 'block_size', 'grid',
+            'patch', 'n_states', 'rule_hidden1', 'rule_hidden2', 'gzip_frames', 'num_rules',
+            'num_val_rules', 'dyck_k', 'dyck_depth', 'pad_vocab')
+    zeros = ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters',
+             'lr_decay_iters', 'weight_decay', 'grad_clip', 'burn_in', 'temperature',
+             'rule_resample', 'dropout', 'dyck_p_open')
     for k in ones:
         if globals()[k] < 1:
             die(f"--{k}={globals()[k]} must be at least 1")
@@ -1245,23 +1364,28 @@ def check_config():
     check_device(device)
     heads = ', '.join(str(h) for h in range(1, n_embd // 2 + 1) if n_embd % (2 * h) == 0)
     n_patch_tokens = n_states ** (patch * patch)
+    odd_heads = n_embd % n_head or n_embd // n_head % 2
+    two_frames = 2 * frame_len() - 1
     for bad, message in [
             (n_states < 2, f"--n_states={n_states}: a cell needs at least 2 states to change"),
-            (grid % patch, f"--grid={grid} is not a multiple of --patch={patch}: a frame is (grid / patch)^2 "
-                           f"patches (e.g. --grid={grid - grid % patch or patch})"),
-            (n_patch_tokens > 2 ** 16, f"--n_states={n_states} with --patch={patch} gives "
-                                       f"{n_states}^{patch * patch} patch tokens, over 2^16: 2x2 patches take "
-                                       f"up to 16 states (10: 10^4 tokens), 3x3 up to 3, 4x4 only 2"),
-            (n_embd % n_head or n_embd // n_head % 2, f"--n_embd={n_embd} is not --n_head={n_head} heads of an "
-                                                       f"even width (rotary positions turn pairs): --n_head can "
-                                                       f"be {heads}"),
-            (stage == 'nca' and block_size < 2 * frame_len() - 1, f"--block_size={block_size} is shorter than "
-                                                                   f"two frames of {frame_len()} tokens (the "
-                                                                   f"first is context only): give at least "
-                                                                   f"{2 * frame_len() - 1}"),
-            (gzip_lower >= gzip_upper, f"the band --gzip_lower={gzip_lower} --gzip_upper={gzip_upper} is empty: "
-                                       "the lower bound must be below the upper"),
-            (dropout >= 1 or dyck_p_open > 1, "--dropout must be below 1 and --dyck_p_open at most 1")]:
+            (grid % patch,
+             f"--grid={grid} is not a multiple of --patch={patch}: a frame is (grid / patch)^2 "
+             f"patches (e.g. --grid={grid - grid % patch or patch})"),
+            (n_patch_tokens > 2 ** 16,
+             f"--n_states={n_states} with --patch={patch} gives {n_states}^{patch * patch} "
+             f"patch tokens, over 2^16: 2x2 patches take up to 16 states (10: 10^4 tokens), "
+             f"3x3 up to 3, 4x4 only 2"),
+            (odd_heads,
+             f"--n_embd={n_embd} is not --n_head={n_head} heads of an even width (rotary "
+             f"positions turn pairs): --n_head can be {heads}"),
+            (stage == 'nca' and block_size < two_frames,
+             f"--block_size={block_size} is shorter than two frames of {frame_len()} tokens "
+             f"(the first is context only): give at least {two_frames}"),
+            (gzip_lower >= gzip_upper,
+             f"the band --gzip_lower={gzip_lower} --gzip_upper={gzip_upper} is empty: "
+             "the lower bound must be below the upper"),
+            (dropout >= 1 or dyck_p_open > 1,
+             "--dropout must be below 1 and --dyck_p_open at most 1")]:
         if bad:
             die(message)
     if stage in ('lm', 'sft'):
@@ -1271,8 +1395,8 @@ def check_config():
 
 def check_device(name, script='nca_gpt.py'):
     if name not in devices():
-        die(f"--device={name} is not available on this machine (it has {', '.join(devices())}): leave "
-            f"--device out to use {devices()[0]}", script)
+        die(f"--device={name} is not available on this machine (it has {', '.join(devices())}): "
+            f"leave --device out to use {devices()[0]}", script)
 
 
 def devices():
@@ -1290,16 +1414,17 @@ def default_dtype(device_type):
 
 
 def auto_band():
-    """--band=auto: the band of --dataset's gzip ratio as prepare_data.py measured it: the ratio rounded to 0.1
-    is its lower end, 0.5 or more takes the paper's (0.5, 1.0) (docs/comparisons.md: that fits the paper's web
-    text and code)."""
+    """--band=auto: the band of --dataset's gzip ratio as prepare_data.py measured it: the ratio
+    rounded to 0.1 is its lower end, 0.5 or more takes the paper's (0.5, 1.0) (docs/comparisons.md:
+    that fits the paper's web text and code)."""
     global gzip_lower, gzip_upper
     if n_states != 10:
-        die("--band=auto chooses among the paper's bands, which are those of 10-state rules: add --n_states=10")
+        die("--band=auto chooses among the paper's bands, which are those of 10-state rules: "
+            "add --n_states=10")
     measured = dataset_meta(data_dir, dataset).get('gzip_ratio') or {}
     if measured.get('tokens') != 'gpt2':  # the filter's convention: int32 GPT-2 ids
-        die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it again (online "
-            f"once, for GPT-2's tokenizer), or give --gzip_lower and --gzip_upper")
+        die(f"--band=auto: data/{dataset}/meta.json has no gzip ratio of GPT-2 tokens: prepare it "
+            f"again (online once, for GPT-2's tokenizer), or give --gzip_lower and --gzip_upper")
     gzip_lower = min(0.5, round(measured['median'], 1))
     gzip_upper = 1.0
     if gzip_lower < 0.5:
@@ -1313,8 +1438,8 @@ def die(msg, script=None):
 
 
 def parse_args(argv, config, choices=None, script='nca_gpt.py'):
-    """--key=value or --key value -> (overrides, positional args), checked against the names, types and
-    choices of `config` (a dict of defaults). Shared by the three scripts."""
+    """--key=value or --key value -> (overrides, positional args), checked against the names,
+    types and choices of `config` (a dict of defaults). Shared by the three scripts."""
     choices = choices or {}
     overrides, rest, args = {}, [], list(argv)
     bools = {'true': True, '1': True, 'false': False, '0': False}
@@ -1329,7 +1454,8 @@ def parse_args(argv, config, choices=None, script='nca_gpt.py'):
                 die(f"--{key} needs a value", script)
             val = args.pop(0)
         if key not in config:
-            die(f"unknown option --{key}; valid options: {', '.join('--' + k for k in config)}", script)
+            valid = ', '.join('--' + k for k in config)
+            die(f"unknown option --{key}; valid options: {valid}", script)
         default = config[key]
         try:
             if isinstance(default, bool):
@@ -1339,7 +1465,8 @@ def parse_args(argv, config, choices=None, script='nca_gpt.py'):
         except (KeyError, ValueError):
             die(f"--{key}={val} is not a valid {type(default).__name__}", script)
         if key in choices and value not in choices[key]:
-            die(f"--{key}={val} is not one of: {', '.join(c or repr(c) for c in choices[key])}", script)
+            allowed = ', '.join(c or repr(c) for c in choices[key])
+            die(f"--{key}={val} is not one of: {allowed}", script)
         overrides[key] = value
     return overrides, rest
 
@@ -1358,8 +1485,8 @@ def atomic_write(path, write):
 
 
 def write_or_stop(path, write):
-    """atomic_write, or, where the write fails (a full disk, a file-size limit, no permission), one line that
-    says what failed, what is intact and how to go on."""
+    """atomic_write, or, where the write fails (a full disk, a file-size limit, no permission), one
+    line that says what failed, what is intact and how to go on."""
     try:
         atomic_write(path, write)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
@@ -1375,11 +1502,14 @@ def stop_on_failed_write(path, error):
     elif file_size_limit() is not None:
         reason = f"over the file-size limit of {file_size_limit():,} bytes (ulimit -f)"
     else:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = type(error).__name__
+        if str(error).strip():
+            reason = str(error).strip().splitlines()[0]
     saved = progress.get('saved')
     ckpt = os.path.join(out_dir, 'ckpt.pt')
     if saved is not None:
-        what = f"{ckpt} still holds step {saved}, whole; make room, then continue with: {resume_command()}"
+        what = (f"{ckpt} still holds step {saved}, whole; make room, then continue with: "
+                f"{resume_command()}")
     else:
         what = "no checkpoint was written yet; make room, then run the same command again"
     die(f"cannot write {path} ({reason}); {what}")
@@ -1398,7 +1528,8 @@ def file_size_limit():
 
 
 def resume_command():
-    """This run's command line with --init_from=resume (and its --out_dir) in place of --init_from."""
+    """This run's command line with --init_from=resume (and its --out_dir) in place of
+    --init_from."""
     args, skip = [], False
     for a in command_line:
         if skip:  # the value of a dropped --key value
@@ -1411,7 +1542,8 @@ def resume_command():
 
 
 def load_checkpoint(path):
-    """A run's checkpoint (its out_dir will do), or a Hugging Face Llama folder as a transfer source."""
+    """A run's checkpoint (its out_dir will do), or a Hugging Face Llama folder as a transfer
+    source."""
     if is_hf_folder(path):
         try:
             source = load_hf_llama(path)
@@ -1420,7 +1552,8 @@ def load_checkpoint(path):
         for note in source['notes']:
             print(f"note: {note}")
         return source
-    path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path  # a run's out_dir will do
+    if os.path.isdir(path):  # a run's out_dir will do
+        path = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(path):
         die(f"no checkpoint at {path}")
     try:
@@ -1430,7 +1563,8 @@ def load_checkpoint(path):
 
 
 def open_log(path, step):
-    """log.jsonl, one JSON object a line; on resume the lines after the checkpoint's step are dropped."""
+    """log.jsonl, one JSON object a line; on resume the lines after the checkpoint's step are
+    dropped."""
     kept = []
     if step and os.path.exists(path):
         kept = [line for line in open(path) if json.loads(line)['step'] <= step]
@@ -1452,21 +1586,25 @@ def log_write(log, record):
 
 
 def write_run_file(model_args):
-    """out_dir/run.json, written as the run starts: what eval.py compare needs once the checkpoints are gone."""
-    run = dict(config={k: globals()[k] for k in config_keys}, stage=stage, vocab=vocab, model_args=model_args)
+    """out_dir/run.json, written as the run starts: what eval.py compare needs once the checkpoints
+    are gone."""
+    config = {k: globals()[k] for k in config_keys}
+    run = dict(config=config, stage=stage, vocab=vocab, model_args=model_args)
     path = os.path.join(out_dir, 'run.json')
     def write(tmp):
-        with open(tmp, 'w') as f:  # closed here: a failed last flush must fail the write, not pass unseen
+        # closed here: a failed last flush must fail the write, not pass unseen
+        with open(tmp, 'w') as f:
             json.dump(run, f, indent=1)
     write_or_stop(path, write)
 
 
 # ==== Appendix: Hugging Face Llama folders ======================================
-# The GPT of section 2 is HF's LlamaForCausalLM weight for weight (the same pre-norm RMSNorm, the two-halves rotary
-# convention, SwiGLU, an untied head): only the names differ, and qkv and gate_up are fused here. eval.py export
-# writes such a folder; --init_from=DIR reads one back, or any HF Llama this GPT can hold (no grouped-query
-# attention, SwiGLU at 4 x width, the default rope at theta 1e4, no biases). safetensors is read and written by
-# hand (8 bytes of header length, a JSON header, the raw little-endian tensors): no new dependency.
+# The GPT of section 2 is HF's LlamaForCausalLM weight for weight (the same pre-norm RMSNorm, the
+# two-halves rotary convention, SwiGLU, an untied head): only the names differ, and qkv and
+# gate_up are fused here. eval.py export writes such a folder; --init_from=DIR reads one back, or
+# any HF Llama this GPT can hold (no grouped-query attention, SwiGLU at 4 x width, the default
+# rope at theta 1e4, no biases). safetensors is read and written by hand (8 bytes of header
+# length, a JSON header, the raw little-endian tensors): no new dependency.
 RMS_EPS = torch.finfo(torch.float32).eps  # what nn.RMSNorm(eps=None) uses on float32 input: 2**-23
 ROPE_THETA = 1e4                          # rotary()'s theta
 EOT_TEXT = '<|endoftext|>'
@@ -1477,14 +1615,15 @@ class HFError(ValueError):
 
 
 # ---- safetensors, by hand ---------------------------------------------------------------
-SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
-                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
-                      'U8': torch.uint8, 'BOOL': torch.bool}
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
+                      'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
 SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """tensors {name: tensor} -> a .safetensors file at path (contiguous, in name order, header padded to 8)."""
+    """tensors {name: tensor} -> a .safetensors file at path (contiguous, in name order, header
+    padded to 8)."""
     if sys.byteorder != 'little':
         raise HFError("safetensors stores little-endian bytes: this machine is big-endian")
     header, blobs, offset = {}, [], 0
@@ -1493,13 +1632,15 @@ def write_safetensors(path, tensors, metadata=None):
         if t.dtype not in SAFETENSORS_NAMES:
             raise HFError(f"{name}: no safetensors dtype for {t.dtype}")
         blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
-        header[name] = dict(dtype=SAFETENSORS_NAMES[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(blob)])
+        header[name] = dict(dtype=SAFETENSORS_NAMES[t.dtype], shape=list(t.shape),
+                            data_offsets=[offset, offset + len(blob)])
         blobs.append(blob)
         offset += len(blob)
     if metadata:
         header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(',', ':')).encode('utf-8')
-    text += b' ' * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as the safetensors library writes it
+    # the tensor data starts 8-byte aligned, as the safetensors library writes it
+    text += b' ' * (-len(text) % 8)
     with open(path, 'wb') as f:
         f.write(len(text).to_bytes(8, 'little'))
         f.write(text)
@@ -1508,35 +1649,45 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def read_safetensors(path):
-    """A .safetensors file -> ({name: tensor}, metadata); every offset and size checked against the file."""
+    """A .safetensors file -> ({name: tensor}, metadata); every offset and size checked against
+    the file."""
     size = os.path.getsize(path)
     with open(path, 'rb') as f:
         n = int.from_bytes(f.read(8), 'little')
         if size < 8 or n > min(size - 8, 100 << 20):
-            raise HFError(f"{path}: not a safetensors file (header length {n} in a file of {size} bytes)")
+            raise HFError(f"{path}: not a safetensors file (header length {n} in a file of "
+                          f"{size} bytes)")
         try:
             header = json.loads(f.read(n).decode('utf-8'))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HFError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
-        metadata, start, tensors = header.pop('__metadata__', None) or {}, 8 + n, {}
+        metadata = header.pop('__metadata__', None) or {}
+        start = 8 + n
+        tensors = {}
         for name, info in sorted(header.items(), key=lambda kv: kv[1]['data_offsets'][0]):
             dtype = SAFETENSORS_DTYPES.get(info.get('dtype'))
             if dtype is None:
-                raise HFError(f"{path}: {name} has dtype {info.get('dtype')!r}, which this reader does not know")
+                raise HFError(f"{path}: {name} has dtype {info.get('dtype')!r}, which this reader "
+                              f"does not know")
             lo, hi = info['data_offsets']
             count = math.prod(info['shape'])
             if not 0 <= lo <= hi <= size - start or hi - lo != count * dtype.itemsize:
-                raise HFError(f"{path}: {name}'s data_offsets {[lo, hi]} do not fit its shape {info['shape']} "
-                              f"({info['dtype']}) or the file")
+                raise HFError(f"{path}: {name}'s data_offsets {[lo, hi]} do not fit its shape "
+                              f"{info['shape']} ({info['dtype']}) or the file")
             f.seek(start + lo)
             data = bytearray(f.read(hi - lo))
-            tensors[name] = (torch.frombuffer(data, dtype=dtype) if count else torch.empty(0, dtype=dtype)).reshape(info['shape'])
+            if count:
+                tensor = torch.frombuffer(data, dtype=dtype)
+            else:  # frombuffer refuses an empty buffer
+                tensor = torch.empty(0, dtype=dtype)
+            tensors[name] = tensor.reshape(info['shape'])
     return tensors, metadata
 
 
 # ---- names: this GPT's <-> HF Llama's ----------------------------------------------------
 def hf_names(n_layer):
-    """[(nca_gpt name, HF name, rows of the nca_gpt weight or None)]; rows split the fused qkv and gate_up."""
+    """[(nca_gpt name, HF name, rows of the nca_gpt weight or None)]; rows split the fused qkv and
+    gate_up."""
     names = [('wte.weight', 'model.embed_tokens.weight', None)]
     for i in range(n_layer):
         b, h = f'blocks.{i}.', f'model.layers.{i}.'
@@ -1549,7 +1700,9 @@ def hf_names(n_layer):
                   (b + 'mlp.gate_up.weight', h + 'mlp.gate_proj.weight', 0),
                   (b + 'mlp.gate_up.weight', h + 'mlp.up_proj.weight', 1),
                   (b + 'mlp.down.weight', h + 'mlp.down_proj.weight', None)]
-    return names + [('norm.weight', 'model.norm.weight', None), ('head.weight', 'lm_head.weight', None)]
+    names += [('norm.weight', 'model.norm.weight', None),
+              ('head.weight', 'lm_head.weight', None)]
+    return names
 
 
 def to_hf_state(state, n_layer):
@@ -1557,7 +1710,13 @@ def to_hf_state(state, n_layer):
     out = {}
     for ours, theirs, part in hf_names(n_layer):
         w = state[ours]
-        out[theirs] = w if part is None else w.chunk(3 if '.qkv.' in ours else 2, dim=0)[part]
+        if part is None:
+            out[theirs] = w
+            continue
+        n_parts = 2  # gate, up
+        if '.qkv.' in ours:
+            n_parts = 3  # q, k, v
+        out[theirs] = w.chunk(n_parts, dim=0)[part]
     return out
 
 
@@ -1574,8 +1733,8 @@ def from_hf_state(hf, n_layer):
 
 # ---- tokenizers: GPT-2's byte-level BPE, or the 256 bytes -----------------------------------
 def byte_symbols():
-    """GPT-2's printable stand-in for each byte (its bytes_to_unicode): printable Latin-1 bytes stand for themselves,
-    the other 68 bytes, in order, for the characters from U+0100 on."""
+    """GPT-2's printable stand-in for each byte (its bytes_to_unicode): printable Latin-1 bytes
+    stand for themselves, the other 68 bytes, in order, for the characters from U+0100 on."""
     keep = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
     moved = [b for b in range(256) if b not in keep]
     table = {b: chr(b) for b in keep}
@@ -1584,104 +1743,129 @@ def byte_symbols():
 
 
 def tokenizer_fingerprint(vocab, merges):
-    """sha256 of a byte-level BPE's vocabulary {symbol string: id} and merges [(a, b)] (lists or 'a b' strings)."""
+    """sha256 of a byte-level BPE's vocabulary {symbol string: id} and merges [(a, b)] (lists or
+    'a b' strings)."""
     pairs = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in merges]
     text = json.dumps([sorted(vocab.items(), key=lambda kv: kv[1]), pairs], ensure_ascii=False)
     return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
-# the vocabulary + merges of GPT-2 (50,256 ranks of r50k_base, <|endoftext|> = 50256), as eval.py export writes
-# them and as HF's gpt2 tokenizer has them; test_hf.py recomputes it from tiktoken's ranks
+# the vocabulary + merges of GPT-2 (50,256 ranks of r50k_base, <|endoftext|> = 50256), as eval.py
+# export writes them and as HF's gpt2 tokenizer has them; test_hf.py recomputes it from
+# tiktoken's ranks
 GPT2_FINGERPRINT = '6123f8097ad00c5690a3697a452311a6d8379211382dddd3a8bc0ed5668e7bf3'
 
 
 def tokenizer_vocab(folder, vocab_size):
-    """The vocabulary of a folder's tokenizer: {'kind': 'gpt2', 'size': 50257} (GPT-2's byte-level BPE, ids as
-    tiktoken's r50k_base), {'kind': 'bytes', 'size': 257} (each UTF-8 byte its id, 256 = end-of-text), or, for any other
-    tokenizer or none, {'kind': 'other', 'size': vocab_size, 'tokenizer': folder}: its blocks transfer (the embedding and
-    head are re-initialised for the stage's vocabulary), but nothing here can encode its text, so sft and
-    --keep_embeddings refuse it."""
+    """The vocabulary of a folder's tokenizer: {'kind': 'gpt2', 'size': 50257} (GPT-2's byte-level
+    BPE, ids as tiktoken's r50k_base), {'kind': 'bytes', 'size': 257} (each UTF-8 byte its id,
+    256 = end-of-text), or, for any other tokenizer or none, {'kind': 'other', 'size': vocab_size,
+    'tokenizer': folder}: its blocks transfer (the embedding and head are re-initialised for the
+    stage's vocabulary), but nothing here can encode its text, so sft and --keep_embeddings
+    refuse it."""
     other = dict(kind='other', size=vocab_size, tokenizer=os.path.abspath(folder))
     path = os.path.join(folder, 'tokenizer.json')
+    vocab_path = os.path.join(folder, 'vocab.json')    # the slow GPT2Tokenizer's files
+    merges_path = os.path.join(folder, 'merges.txt')
     if os.path.exists(path):
         tok = json.load(open(path, encoding='utf-8'))
         model = tok.get('model') or {}
-        if model.get('type') != 'BPE' or (tok.get('pre_tokenizer') or {}).get('type') != 'ByteLevel':
+        pre_tokenizer = tok.get('pre_tokenizer') or {}
+        if model.get('type') != 'BPE' or pre_tokenizer.get('type') != 'ByteLevel':
             return other
-        vocab, merges = dict(model.get('vocab') or {}), list(model.get('merges') or [])
+        vocab = dict(model.get('vocab') or {})
+        merges = list(model.get('merges') or [])
         vocab.update({t['content']: t['id'] for t in tok.get('added_tokens') or []})
-    elif os.path.exists(os.path.join(folder, 'vocab.json')) and os.path.exists(os.path.join(folder, 'merges.txt')):
-        vocab = json.load(open(os.path.join(folder, 'vocab.json'), encoding='utf-8'))  # the slow GPT2Tokenizer's files
-        merges = [line.rstrip('\n') for line in open(os.path.join(folder, 'merges.txt'), encoding='utf-8')
+    elif os.path.exists(vocab_path) and os.path.exists(merges_path):
+        vocab = json.load(open(vocab_path, encoding='utf-8'))
+        merges = [line.rstrip('\n') for line in open(merges_path, encoding='utf-8')
                   if line.strip() and not line.startswith('#version')]
     else:
         return other
-    if not merges and vocab == {**{s: b for b, s in enumerate(byte_symbols())}, EOT_TEXT: 256}:
+    byte_vocab = {s: b for b, s in enumerate(byte_symbols())}
+    if not merges and vocab == {**byte_vocab, EOT_TEXT: 256}:
         return dict(kind='bytes', size=257)
-    if len(vocab) == 50257 and vocab.get(EOT_TEXT) == 50256 and tokenizer_fingerprint(vocab, merges) == GPT2_FINGERPRINT:
+    gpt2_sized = len(vocab) == 50257 and vocab.get(EOT_TEXT) == 50256
+    if gpt2_sized and tokenizer_fingerprint(vocab, merges) == GPT2_FINGERPRINT:
         return dict(kind='gpt2', size=50257)
     return other
 
 
 # ---- reading a folder --------------------------------------------------------------------
 def hf_rope_theta(cfg):
-    """The rope's theta from either spelling (transformers 4: rope_theta + rope_scaling; 5: rope_parameters); a
-    scaled or non-default rope is refused."""
+    """The rope's theta from either spelling (transformers 4: rope_theta + rope_scaling;
+    5: rope_parameters); a scaled or non-default rope is refused."""
     params = cfg.get('rope_parameters') or {}
     scaling = cfg.get('rope_scaling')
     for field, value in (('rope_parameters', params), ('rope_scaling', scaling or {})):
         kind = value.get('rope_type', value.get('type', 'default'))
         if kind != 'default':
-            raise HFError(f"{field}: rope_type {kind!r} (a scaled rope): this GPT's rotary embedding is the default one")
+            raise HFError(f"{field}: rope_type {kind!r} (a scaled rope): this GPT's rotary "
+                          f"embedding is the default one")
         extra = sorted(set(value) - {'rope_type', 'type', 'rope_theta'})
         if field == 'rope_parameters' and extra:  # e.g. partial_rotary_factor
             raise HFError(f"rope_parameters: {extra} do not fit this GPT's default rotary embedding")
     theta = params.get('rope_theta', cfg.get('rope_theta', ROPE_THETA))
     if float(theta) != ROPE_THETA:
-        raise HFError(f"rope_theta: {theta}, and this GPT's rotary embedding uses theta {ROPE_THETA:g}")
+        raise HFError(f"rope_theta: {theta}, and this GPT's rotary embedding uses theta "
+                      f"{ROPE_THETA:g}")
     return theta
 
 
 def hf_model_args(cfg, where='config.json'):
-    """config.json (a dict) -> this GPT's model_args, or HFError naming the field that does not fit."""
+    """config.json (a dict) -> this GPT's model_args, or HFError naming the field that does not
+    fit."""
     def need(field, ok, why):
         if not ok:
             raise HFError(f"{where}: {field}={json.dumps(cfg.get(field))}: {why}")
     archs = cfg.get('architectures') or ['LlamaForCausalLM']
-    need('model_type', cfg.get('model_type') == 'llama', "only HF Llama (model_type llama) has this GPT's layout")
+    need('model_type', cfg.get('model_type') == 'llama',
+         "only HF Llama (model_type llama) has this GPT's layout")
     need('architectures', archs == ['LlamaForCausalLM'], "the model must be a LlamaForCausalLM")
-    for field in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'vocab_size', 'intermediate_size'):
-        need(field, isinstance(cfg.get(field), int) and cfg[field] > 0, "a positive integer is needed")
+    sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'vocab_size',
+             'intermediate_size')
+    for field in sizes:
+        need(field, isinstance(cfg.get(field), int) and cfg[field] > 0,
+             "a positive integer is needed")
     C, H = cfg['hidden_size'], cfg['num_attention_heads']
     need('num_attention_heads', C % H == 0 and (C // H) % 2 == 0,
          f"hidden_size {C} must split into heads of an even size")
     need('num_key_value_heads', cfg.get('num_key_value_heads') in (None, H),
          f"grouped-query attention: this GPT has as many key/value heads as heads ({H})")
-    need('head_dim', cfg.get('head_dim') in (None, C // H), f"this GPT's heads are hidden_size / heads = {C // H} wide")
-    need('intermediate_size', cfg['intermediate_size'] == 4 * C, f"this GPT's SwiGLU is 4 x hidden_size = {4 * C} wide")
+    need('head_dim', cfg.get('head_dim') in (None, C // H),
+         f"this GPT's heads are hidden_size / heads = {C // H} wide")
+    need('intermediate_size', cfg['intermediate_size'] == 4 * C,
+         f"this GPT's SwiGLU is 4 x hidden_size = {4 * C} wide")
     need('hidden_act', cfg.get('hidden_act', 'silu') == 'silu', "this GPT's MLP is SwiGLU (silu)")
     need('attention_bias', not cfg.get('attention_bias', False), "this GPT's attention has no biases")
     need('mlp_bias', not cfg.get('mlp_bias', False), "this GPT's MLP has no biases")
-    need('quantization_config', cfg.get('quantization_config') is None, "quantized weights are not read")
-    need('max_position_embeddings', isinstance(cfg.get('max_position_embeddings', 0), int), "an integer is needed")
+    need('quantization_config', cfg.get('quantization_config') is None,
+         "quantized weights are not read")
+    need('max_position_embeddings', isinstance(cfg.get('max_position_embeddings', 0), int),
+         "an integer is needed")
     try:
         hf_rope_theta(cfg)
     except HFError as e:
         raise HFError(f"{where}: {e}") from None
+    block_size = cfg.get('max_position_embeddings') or 2048
+    dropout = float(cfg.get('attention_dropout') or 0.0)
     return dict(vocab_size=cfg['vocab_size'], n_layer=cfg['num_hidden_layers'], n_head=H, n_embd=C,
-                block_size=cfg.get('max_position_embeddings') or 2048, dropout=float(cfg.get('attention_dropout') or 0.0),
-                head_bias=False, emb_init='normal', scale_residual=True)
+                block_size=block_size, dropout=dropout, head_bias=False, emb_init='normal',
+                scale_residual=True)
 
 
 def hf_weights(folder):
-    """Every tensor of a folder: model.safetensors, or the shards its model.safetensors.index.json names."""
-    index, single = os.path.join(folder, 'model.safetensors.index.json'), os.path.join(folder, 'model.safetensors')
+    """Every tensor of a folder: model.safetensors, or the shards its model.safetensors.index.json
+    names."""
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    single = os.path.join(folder, 'model.safetensors')
     if os.path.exists(index):
         files = sorted(set(json.load(open(index))['weight_map'].values()))
     elif os.path.exists(single):
         files = ['model.safetensors']
     else:
-        raise HFError(f"{folder} has no model.safetensors (nor its index): save the model with safe_serialization")
+        raise HFError(f"{folder} has no model.safetensors (nor its index): save the model with "
+                      f"safe_serialization")
     tensors = {}
     for name in files:
         tensors.update(read_safetensors(os.path.join(folder, name))[0])
@@ -1689,10 +1873,11 @@ def hf_weights(folder):
 
 
 def load_hf_llama(folder):
-    """An HF Llama folder -> a checkpoint-like dict, as load_checkpoint's, for a transfer: {'model': state_dict in
-    this GPT's names (float32), 'model_args', 'vocab' (from the tokenizer files, see tokenizer_vocab), 'stage',
-    'iter_num', 'config', 'best_val_loss', 'notes' (what does not carry over exactly)}. An export of this project
-    also has nca_gpt.json: its stage, step, config and vocabulary come back from it."""
+    """An HF Llama folder -> a checkpoint-like dict, as load_checkpoint's, for a transfer:
+    {'model': state_dict in this GPT's names (float32), 'model_args', 'vocab' (from the tokenizer
+    files, see tokenizer_vocab), 'stage', 'iter_num', 'config', 'best_val_loss', 'notes' (what
+    does not carry over exactly)}. An export of this project also has nca_gpt.json: its stage,
+    step, config and vocabulary come back from it."""
     path = os.path.join(folder, 'config.json')
     if not os.path.exists(path):
         raise HFError(f"{folder} has no config.json: not a Hugging Face model folder")
@@ -1700,66 +1885,87 @@ def load_hf_llama(folder):
     args = hf_model_args(cfg, path)
     C, L, V = args['n_embd'], args['n_layer'], args['vocab_size']
     hf = hf_weights(folder)
-    hf = {k: v for k, v in hf.items() if not k.endswith('.rotary_emb.inv_freq')}  # old exports saved this buffer
+    # old exports saved this buffer
+    hf = {k: v for k, v in hf.items() if not k.endswith('.rotary_emb.inv_freq')}
     tied = cfg.get('tie_word_embeddings', False)
     if tied and 'lm_head.weight' not in hf:
         hf['lm_head.weight'] = hf.get('model.embed_tokens.weight')
-    shapes = {'model.embed_tokens.weight': (V, C), 'lm_head.weight': (V, C), 'model.norm.weight': (C,)}
+    shapes = {'model.embed_tokens.weight': (V, C), 'lm_head.weight': (V, C),
+              'model.norm.weight': (C,)}
     for i in range(L):
         h = f'model.layers.{i}.'
-        shapes.update({h + 'input_layernorm.weight': (C,), h + 'post_attention_layernorm.weight': (C,),
+        shapes.update({h + 'input_layernorm.weight': (C,),
+                       h + 'post_attention_layernorm.weight': (C,),
                        **{h + f'self_attn.{p}_proj.weight': (C, C) for p in 'qkvo'},
-                       h + 'mlp.gate_proj.weight': (4 * C, C), h + 'mlp.up_proj.weight': (4 * C, C),
+                       h + 'mlp.gate_proj.weight': (4 * C, C),
+                       h + 'mlp.up_proj.weight': (4 * C, C),
                        h + 'mlp.down_proj.weight': (C, 4 * C)})
     extra = sorted(set(hf) - set(shapes))
     if extra:
+        more = ''
+        if len(extra) > 3:
+            more = f" and {len(extra) - 3} more"
         raise HFError(f"{folder}: weights this GPT has no place for: {', '.join(extra[:3])}"
-                      + (f" and {len(extra) - 3} more" if len(extra) > 3 else ''))
+                      + more)
     for name, shape in shapes.items():
         if hf.get(name) is None:
             raise HFError(f"{folder}: the weight {name} is missing")
         if tuple(hf[name].shape) != shape:
-            raise HFError(f"{folder}: {name} is {tuple(hf[name].shape)}, config.json makes it {shape}")
+            raise HFError(f"{folder}: {name} is {tuple(hf[name].shape)}, config.json makes it "
+                          f"{shape}")
     state = {k: v.float().contiguous() for k, v in from_hf_state(hf, L).items()}
     if tied:
         state['head.weight'] = state['head.weight'].clone()  # this GPT's head is its own weight
     notes = []
     eps = cfg.get('rms_norm_eps', 1e-6)
     if eps != RMS_EPS:
-        notes.append(f"rms_norm_eps {eps:g} is read as this GPT's {RMS_EPS:.3g} (nn.RMSNorm's): outputs differ slightly "
-                     f"where a hidden state's mean square is near {eps:g}")
+        notes.append(f"rms_norm_eps {eps:g} is read as this GPT's {RMS_EPS:.3g} (nn.RMSNorm's): "
+                     f"outputs differ slightly where a hidden state's mean square is near {eps:g}")
     if any(v.dtype != torch.float32 for v in hf.values()):
-        notes.append(f"weights stored as {sorted({str(v.dtype) for v in hf.values()})}, held here in float32")
+        stored = sorted({str(v.dtype) for v in hf.values()})
+        notes.append(f"weights stored as {stored}, held here in float32")
     ours = os.path.join(folder, 'nca_gpt.json')
-    meta = json.load(open(ours)) if os.path.exists(ours) else {}
+    meta = {}
+    if os.path.exists(ours):
+        meta = json.load(open(ours))
     vocab = meta.get('vocab') or tokenizer_vocab(folder, V)
     if vocab['kind'] == 'other':
-        notes.append(f"the tokenizer of {folder} is neither GPT-2's nor bytes: only its blocks can transfer")
-    return dict(model=state, model_args={**args, **{k: v for k, v in (meta.get('model_args') or {}).items()
-                                                      if k in ('emb_init', 'scale_residual', 'dropout')}},
-                vocab=vocab, stage=meta.get('stage', 'lm'), iter_num=meta.get('iter_num', 0),
-                best_val_loss=meta.get('best_val_loss', float('inf')), config=meta.get('config', {}),
-                source=os.path.abspath(folder), notes=notes)
+        notes.append(f"the tokenizer of {folder} is neither GPT-2's nor bytes: only its blocks can "
+                     f"transfer")
+    # an export of this project brings back its own emb_init, scale_residual and dropout
+    exported = meta.get('model_args') or {}
+    kept = {k: v for k, v in exported.items() if k in ('emb_init', 'scale_residual', 'dropout')}
+    return dict(model=state, model_args={**args, **kept}, vocab=vocab,
+                stage=meta.get('stage', 'lm'), iter_num=meta.get('iter_num', 0),
+                best_val_loss=meta.get('best_val_loss', float('inf')),
+                config=meta.get('config', {}), source=os.path.abspath(folder), notes=notes)
 
 
 def is_hf_folder(path):
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, 'config.json')) \
-        and not os.path.exists(os.path.join(path, 'ckpt.pt'))
+    if not os.path.isdir(path):
+        return False
+    has_config = os.path.exists(os.path.join(path, 'config.json'))
+    return has_config and not os.path.exists(os.path.join(path, 'ckpt.pt'))
 
 
 def check_source_vocab(source, stage, keep_embeddings):
-    """train(): a source whose tokenizer is neither GPT-2's nor bytes gives its blocks only. sft takes the source's
-    vocabulary and text_codec would read 'other' as GPT-2's: refused here, in one line, before any data is encoded."""
+    """train(): a source whose tokenizer is neither GPT-2's nor bytes gives its blocks only. sft
+    takes the source's vocabulary and text_codec would read 'other' as GPT-2's: refused here, in
+    one line, before any data is encoded."""
     kind = source['vocab']['kind']
     if kind not in ('nca', 'dyck', 'gpt2', 'bytes') and (stage == 'sft' or keep_embeddings):
-        raise HFError(f"{source.get('source', 'the source')}'s tokenizer is neither GPT-2's nor bytes: "
-                      f"{'sft' if stage == 'sft' else '--keep_embeddings'} needs its ids to mean text nca_gpt.py can "
-                      f"encode; transfer its blocks to --stage lm instead")
+        who = '--keep_embeddings'
+        if stage == 'sft':
+            who = 'sft'
+        raise HFError(f"{source.get('source', 'the source')}'s tokenizer is neither GPT-2's nor "
+                      f"bytes: {who} needs its ids to mean text nca_gpt.py can encode; transfer "
+                      f"its blocks to --stage lm instead")
 
 
 # ==== Appendix: what a run prints ================================================
 def print_transfer(source, keep):
-    line = f"transferred the blocks of {init_from} ({source['stage']}, step {source['iter_num']}); "
+    line = (f"transferred the blocks of {init_from} ({source['stage']}, "
+            f"step {source['iter_num']}); ")
     if keep:
         line += "embedding and head kept"
     else:
@@ -1771,28 +1977,32 @@ def print_transfer(source, keep):
     print(line)
     theirs = source.get('config', {}).get('recipe', 'project')
     if theirs != recipe:
-        print(f"recipes differ: {init_from} was trained under --recipe={theirs}, this stage runs under "
-              f"--recipe={recipe}")
+        print(f"recipes differ: {init_from} was trained under --recipe={theirs}, this stage runs "
+              f"under --recipe={recipe}")
 
 
 def print_run(model, world, iter_num):
     os.makedirs(out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     n_blocks = n_params - 2 * model.wte.weight.numel()
-    print(f"stage {stage}, preset {preset}, {device} {dtype}, recipe {recipe}, {world} process(es); "
-          f"{n_params / 1e6:.2f}M parameters ({n_blocks / 1e6:.2f}M without embedding and head)")
-    print(f"{max_iters} updates x {tokens_per_iter():,} tokens = {max_iters * tokens_per_iter() / 1e6:,.1f}M "
-          f"tokens, from step {iter_num}; lr: warm-up {warmup_iters} steps, cosine to step {lr_decay_iters}; "
+    print(f"stage {stage}, preset {preset}, {device} {dtype}, recipe {recipe}, {world} "
+          f"process(es); {n_params / 1e6:.2f}M parameters ({n_blocks / 1e6:.2f}M without "
+          f"embedding and head)")
+    total = max_iters * tokens_per_iter()
+    print(f"{max_iters} updates x {tokens_per_iter():,} tokens = {total / 1e6:,.1f}M tokens, from "
+          f"step {iter_num}; lr: warm-up {warmup_iters} steps, cosine to step {lr_decay_iters}; "
           f"writing to {out_dir}/")
     print('config: ' + ' '.join(f"{k}={globals()[k]}" for k in config_keys))
 
 
 def print_evaluation(it, stats):
-    line = (f"step {it}: val loss {stats['val_loss']:.4f} +- {stats['val_loss_se']:.4f} over {eval_iters} "
-            f"fixed batches (ppl {math.exp(min(stats['val_loss'], 50)):.2f})")
+    ppl = math.exp(min(stats['val_loss'], 50))
+    line = (f"step {it}: val loss {stats['val_loss']:.4f} +- {stats['val_loss_se']:.4f} over "
+            f"{eval_iters} fixed batches (ppl {ppl:.2f})")
     fl = stats.get('frame_loss')  # nca
     if fl:
-        line += (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {fl[min(1, len(fl) - 1)]:.3f}, {fl[-1]:.3f}"
+        second = fl[min(1, len(fl) - 1)]
+        line += (f" | loss of frame 1, 2, {len(fl)}: {fl[0]:.3f}, {second:.3f}, {fl[-1]:.3f}"
                  f" | next-frame acc {stats['next_frame_acc']:.1%} (copying the last frame: "
                  f"{stats['copy_frame_acc']:.1%})")
     print(line)
@@ -1802,24 +2012,26 @@ def print_evaluation(it, stats):
 def check_memory(model, act_bytes, master):
     need, free = memory_needed(model, act_bytes), free_memory(device)
     if master:
-        line = (f"memory: about {need / 2**30:.2f} GiB needed on {device} (a rough estimate: weights, gradients, "
-                f"AdamW, activations of {batch_size} sequences)")
+        line = (f"memory: about {need / 2**30:.2f} GiB needed on {device} (a rough estimate: "
+                f"weights, gradients, AdamW, activations of {batch_size} sequences)")
         if free:
             line += f"; {free / 2**30:.1f} GiB free"
         print(line)
     if free and need > 2 * free:  # beyond the estimate's own error: it clearly cannot fit
-        die(f"this run needs about {need / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} GiB free: lower "
-            f"--batch_size (raise --gradient_accumulation_steps to keep the update the same)")
+        die(f"this run needs about {need / 2**30:.1f} GiB and {device} has {free / 2**30:.1f} GiB "
+            f"free: lower --batch_size (raise --gradient_accumulation_steps to keep the update the "
+            f"same)")
 
 
 def memory_needed(model, act_bytes):
-    """Rough bytes of a training step (tests hold it within 2x of a measured peak): 16 a parameter (fp32
-    weights, gradients, AdamW's two moments); per token, what backward keeps: ~27 x width per layer in the
-    compute dtype (the matmuls' inputs, q, k, v, SwiGLU's gate and up) plus 2 x width in fp32 (the norms'),
-    and the logits 3 times."""
+    """Rough bytes of a training step (tests hold it within 2x of a measured peak): 16 a parameter
+    (fp32 weights, gradients, AdamW's two moments); per token, what backward keeps: ~27 x width
+    per layer in the compute dtype (the matmuls' inputs, q, k, v, SwiGLU's gate and up) plus
+    2 x width in fp32 (the norms'), and the logits 3 times."""
     C, V = model.wte.embedding_dim, model.head.out_features
     per_token = model.n_layer * C * (27 * act_bytes + 8) + V * (act_bytes + 8)
-    return 16 * sum(p.numel() for p in model.parameters()) + batch_size * block_size * per_token
+    n_params = sum(p.numel() for p in model.parameters())
+    return 16 * n_params + batch_size * block_size * per_token
 
 
 def free_memory(device):
@@ -1838,7 +2050,8 @@ def peak_flops_per_s(device):
     if not device.startswith('cuda'):
         return None
     name = torch.cuda.get_device_name(device)
-    peaks = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12), ('4090', 165e12)]
+    peaks = [('H100', 989e12), ('H200', 989e12), ('A100', 312e12), ('L4', 121e12),
+             ('4090', 165e12)]
     return next((f for key, f in peaks if key in name), None)
 
 
@@ -1855,7 +2068,8 @@ def main(argv):
         auto_band()
     try:
         train()
-    except KeyboardInterrupt:  # Ctrl-C: one line on where to go on (a checkpoint is written whole or not at all)
+    # Ctrl-C: one line on where to go on (a checkpoint is written whole or not at all)
+    except KeyboardInterrupt:
         if master:
             print(f"{SCRIPT}: interrupted{interrupted_at()}", file=sys.stderr)
         sys.exit(130)
@@ -1867,8 +2081,8 @@ def interrupted_at():
     saved = progress.get('saved')
     if saved is None:
         return f" at step {progress['step']}; no checkpoint yet"
-    return (f" at step {progress['step']}; {out_dir}/ckpt.pt holds step {saved}: add --init_from=resume to "
-            f"continue from it")
+    return (f" at step {progress['step']}; {out_dir}/ckpt.pt holds step {saved}: add "
+            f"--init_from=resume to continue from it")
 
 
 if __name__ == '__main__':
