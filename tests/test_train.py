@@ -60,7 +60,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     args = [*FAST, '--stage=nca', '--gradient_accumulation_steps=2', '--max_iters=3', '--eval_interval=3']
     p = run(*args, f'--out_dir={tmp_path / "ddp"}', torchrun=True)
     run(*args, f'--out_dir={tmp_path / "one"}')
-    assert sorted(os.listdir(tmp_path / 'ddp')) == ['ckpt.pt', 'log.jsonl']  # only rank 0 writes
+    assert sorted(os.listdir(tmp_path / 'ddp')) == ['ckpt.pt', 'log.jsonl', 'run.json']  # only rank 0 writes
     assert p.stdout.count('step 3 |') == 1 and p.stdout.count('2 process(es)') == 1
     ddp, one = train_losses(tmp_path / 'ddp'), train_losses(tmp_path / 'one')
     assert ddp.keys() == one.keys() and all(abs(ddp[k] - one[k]) < 1e-4 for k in one)
