@@ -78,3 +78,28 @@ def test_study_lists_each_run_once_after_the_run_it_starts_from(nca):
         nca.configure(flags.split() + [f'--out_dir={out_dir}'])
         stage_1 = start == '-' and 'scratch' not in out_dir
         assert nca.stage == ('lm' if not stage_1 else 'dyck' if 's1d-' in out_dir else 'nca'), out_dir
+
+
+@pytest.mark.parametrize('phase', ['tune', 'heldout'])
+def test_tune_lists_each_run_once_after_the_run_it_starts_from(nca, tmp_path, phase):
+    """tests/tune.sh --list: every run's flags parse, a stage 2 after its stage 1; the held-out phase needs the choice."""
+    env = {**os.environ, 'OUT': str(tmp_path)}
+    script = os.path.join(ROOT, 'tests', 'tune.sh')
+    if phase == 'heldout':
+        p = subprocess.run(['bash', script, '--list', 'heldout'], capture_output=True, text=True, timeout=60, env=env)
+        assert p.returncode == 2 and 'run `bash tests/tune.sh tune` first' in p.stderr
+        (tmp_path / 'chosen.env').write_text('SCRATCH_LR=1e-3\nNCA_S1_LR=3e-4\nNCA_S1_ITERS=100\nNCA_LR=1e-3\n')
+    p = subprocess.run(['bash', script, '--list', phase], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = [line.split('|') for line in p.stdout.splitlines()]
+    dirs = [d for d, _, _ in lines]
+    assert len(lines) == {'tune': 30, 'heldout': 20}[phase] and len(set(dirs)) == len(dirs)
+    defaults = {k: getattr(nca, k) for k in nca.config_keys}
+    for i, (out_dir, start, flags) in enumerate(lines):
+        assert start == '-' or start in dirs[:i], f'{out_dir} starts from {start}, not listed before it'
+        for k, v in defaults.items():
+            setattr(nca, k, v)
+        nca.configure(flags.split() + [f'--out_dir={out_dir}'])
+        assert nca.stage == ('nca' if '/s1-' in out_dir or '/held-s1-' in out_dir else 'lm'), out_dir
+        if nca.stage == 'lm':
+            assert nca.min_lr == pytest.approx(nca.learning_rate / 10) and nca.max_iters == 800
