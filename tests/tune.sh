@@ -24,9 +24,12 @@ HELDOUT=${HELDOUT:-3 4 5 6}
 S1_LRS=${S1_LRS:-3e-4 1e-3 3e-3}
 S1_ITERS=${S1_ITERS:-100 300}
 STAGE2_LRS=${STAGE2_LRS:-5e-4 1e-3 2e-3}
-SHAPE=${SHAPE:-tiny}  # tiny: 2 layers, width 128 (the study's); small: GPT-2 small's 12 x 768 (for a GPU)
+SHAPE=${SHAPE:-tiny}  # tiny: 2 layers, width 128 (the study's); w256: width 256; small: GPT-2 small's 12 x 768
+CONTROL=${CONTROL-shuffled}  # the held-out phase's control arm ('' leaves it out)
 if [ "$SHAPE" = small ]; then
   MODEL="--preset=small --n_layer=12 --n_head=12 --n_embd=768 --eval_iters=8"
+elif [ "$SHAPE" = w256 ]; then
+  MODEL="--preset=tiny --n_layer=2 --n_head=4 --n_embd=256 --eval_iters=8"
 else
   MODEL="--preset=tiny --n_layer=2 --n_head=4 --n_embd=128 --eval_iters=8"
 fi
@@ -55,13 +58,13 @@ runs() {  # runs PHASE: one line per run: out_dir|the stage-1 out_dir it starts 
   else
     [ -f "$OUT/chosen.env" ] || { echo "no $OUT/chosen.env: run \`bash tests/tune.sh tune\` first" >&2; exit 2; }
     . "$OUT/chosen.env"
-    for s in $HELDOUT; do for a in nca shuffled; do
+    for s in $HELDOUT; do for a in nca $CONTROL; do
       echo "$OUT/held-s1-$a-s$s|-|$S1 --learning_rate=$NCA_S1_LR --max_iters=$NCA_S1_ITERS --seed=$s \
 --nca_shuffle=$([ $a = shuffled ] && echo true || echo false)"
     done; done
     for s in $HELDOUT; do
       stage2 "$OUT/held-scratch-s$s" - "$SCRATCH_LR" "$s"
-      for a in nca shuffled; do stage2 "$OUT/held-$a-s$s" "$OUT/held-s1-$a-s$s" "$NCA_LR" "$s"; done
+      for a in nca $CONTROL; do stage2 "$OUT/held-$a-s$s" "$OUT/held-s1-$a-s$s" "$NCA_LR" "$s"; done
     done
   fi
 }
@@ -110,7 +113,9 @@ tables() {
       printf 'nca-%s-%s=%s,' "$lr" "$it" "$OUT/nca-lr$lr-it$it-s*"; done; done)" --baseline=scratch \
       --out="$OUT/compare-tune.json" || true
   else
-    $PY eval.py compare --runs="scratch=$OUT/held-scratch-s*,nca=$OUT/held-nca-s*,shuffled=$OUT/held-shuffled-s*" \
+    local control=''
+    [ -n "$CONTROL" ] && control=",$CONTROL=$OUT/held-$CONTROL-s*"
+    $PY eval.py compare --runs="scratch=$OUT/held-scratch-s*,nca=$OUT/held-nca-s*$control" \
       --baseline=scratch --out="$OUT/compare-heldout.json" --png="$OUT/compare-heldout.png" || true
   fi
 }
