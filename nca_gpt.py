@@ -457,7 +457,7 @@ def get_rule_set(split, rule_set, count, chunk=2048):
         ratios.append(ratio.cpu())
         n_kept += len(kept[-1])
         tried += chunk
-        give_up_if_rare(n_kept, tried, count, chunk, torch.cat(ratios), time.time() - t0)
+        give_up_if_rare(n_kept, tried, count, chunk, ratios, time.time() - t0)
     print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} "
           f"candidates in ({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
     if len(_rule_sets) >= 4:  # keep the current training and validation sets, drop older ones
@@ -469,12 +469,12 @@ def get_rule_set(split, rule_set, count, chunk=2048):
 def give_up_if_rare(n_kept, tried, count, chunk, ratios, seconds):
     """Stop a band that keeps nothing after 20 chunks, or whose pass rate (measured after 4) would
     need more than MAX_CANDIDATES_PER_RULE candidates a rule: say the rate, the time it would take,
-    the ratios' spread."""
+    the ratios' spread. ratios: each chunk's, joined only to say why it stops."""
     if n_kept >= count or tried < 4 * chunk:
         return
     if n_kept == 0:
         if tried >= 20 * chunk:
-            no_rule_in_band(ratios)
+            no_rule_in_band(torch.cat(ratios))
         return
     rate = n_kept / tried
     if rate >= 1 / MAX_CANDIDATES_PER_RULE:
@@ -482,7 +482,7 @@ def give_up_if_rare(n_kept, tried, count, chunk, ratios, seconds):
     minutes = (count - n_kept) / rate * seconds / tried / 60
     stop_for_band(f"keeps {rate:.2%} of the candidates ({n_kept} of {tried}): {count} rules "
                   f"would take about {count / rate:,.0f} candidates, {minutes:,.1f} more minutes",
-                  ratios)
+                  torch.cat(ratios))
 
 
 def no_rule_in_band(ratios):

@@ -86,18 +86,7 @@ runs() {  # one line per run: out_dir|the stage-1 out_dir it starts from (or -)|
   for s in $FEW; do echo "$OUT/b-nca-authors64k-s$s|$OUT/s1b-nca-authors64k-s$s|$S2 --recipe=authors --seed=$s"; done
 }
 
-one() {  # run one line of runs(), unless done; a stage-2 run waits for its stage 1
-  IFS='|' read -r dir from flags <<< "$1"
-  [ -f "$dir/done" ] && return 0
-  if [ "$from" != - ]; then
-    while [ ! -f "$from/done" ]; do [ -f "$from/failed" ] && { echo "skipped $dir: $from failed"; return 0; }; sleep 5; done
-    flags="$flags --init_from=$from"
-  fi
-  mkdir -p "$dir"
-  if OMP_NUM_THREADS=1 $PY nca_gpt.py $flags --out_dir="$dir" > "$dir/stdout" 2>&1; then touch "$dir/done"; echo "done $dir"
-  else touch "$dir/failed"; echo "FAILED $dir (see $dir/stdout)"; fi
-}
-export -f one; export PY
+. tests/run_one.sh  # one(): a run of the list, unless done; a stage 2 waits for its stage 1
 
 tables() {
   local cells=() r

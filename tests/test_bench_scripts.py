@@ -61,6 +61,20 @@ def test_bench_eval_writes_the_canonical_solutions(tmp_path):
     assert rows == [dict(task_id=r['task_id'], completion=r['canonical_solution']) for r in problems]
 
 
+def each_run_configured(nca, lines):
+    """A run list's lines (out_dir, the run it starts from or -, flags), each listed once and after the run it starts
+    from; yields each with nca configured from the defaults and its flags (a typo fails here, not an hour in)."""
+    dirs = [d for d, _, _ in lines]
+    assert len(set(dirs)) == len(dirs)
+    defaults = {k: getattr(nca, k) for k in nca.config_keys}
+    for i, (out_dir, start, flags) in enumerate(lines):
+        assert start == '-' or start in dirs[:i], f'{out_dir} starts from {start}, not listed before it'
+        for k, v in defaults.items():
+            setattr(nca, k, v)
+        nca.configure(flags.split() + [f'--out_dir={out_dir}'])
+        yield out_dir, start, flags
+
+
 def test_study_lists_each_run_once_after_the_run_it_starts_from(nca):
     """tests/study.sh --list: a stage-2 run waits for its stage 1, so with JOBS slots a stage 2 listed before its stage
     1 could wait forever; every run's flags parse (a typo would fail only after an hour of the study)."""
@@ -68,14 +82,8 @@ def test_study_lists_each_run_once_after_the_run_it_starts_from(nca):
                        timeout=60, env={**os.environ, 'OUT': 'o'})
     assert p.returncode == 0, p.stderr
     lines = [line.split('|') for line in p.stdout.splitlines()]
-    dirs = [d for d, _, _ in lines]
-    assert len(lines) > 100 and len(set(dirs)) == len(dirs)
-    defaults = {k: getattr(nca, k) for k in nca.config_keys}
-    for i, (out_dir, start, flags) in enumerate(lines):
-        assert start == '-' or start in dirs[:i], f'{out_dir} starts from {start}, not listed before it'
-        for k, v in defaults.items():
-            setattr(nca, k, v)
-        nca.configure(flags.split() + [f'--out_dir={out_dir}'])
+    assert len(lines) > 100
+    for out_dir, start, flags in each_run_configured(nca, lines):
         stage_1 = start == '-' and 'scratch' not in out_dir
         assert nca.stage == ('lm' if not stage_1 else 'dyck' if 's1d-' in out_dir else 'nca'), out_dir
 
@@ -92,14 +100,8 @@ def test_tune_lists_each_run_once_after_the_run_it_starts_from(nca, tmp_path, ph
     p = subprocess.run(['bash', script, '--list', phase], capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 0, p.stderr
     lines = [line.split('|') for line in p.stdout.splitlines()]
-    dirs = [d for d, _, _ in lines]
-    assert len(lines) == {'tune': 30, 'heldout': 20}[phase] and len(set(dirs)) == len(dirs)
-    defaults = {k: getattr(nca, k) for k in nca.config_keys}
-    for i, (out_dir, start, flags) in enumerate(lines):
-        assert start == '-' or start in dirs[:i], f'{out_dir} starts from {start}, not listed before it'
-        for k, v in defaults.items():
-            setattr(nca, k, v)
-        nca.configure(flags.split() + [f'--out_dir={out_dir}'])
+    assert len(lines) == {'tune': 30, 'heldout': 20}[phase]
+    for out_dir, start, flags in each_run_configured(nca, lines):
         assert nca.stage == ('nca' if '/s1-' in out_dir or '/held-s1-' in out_dir else 'lm'), out_dir
         if nca.stage == 'lm':
             assert nca.min_lr == pytest.approx(nca.learning_rate / 10) and nca.max_iters == 800

@@ -69,18 +69,7 @@ runs() {  # runs PHASE: one line per run: out_dir|the stage-1 out_dir it starts 
   fi
 }
 
-one() {  # run one line of runs(), unless done; a stage-2 run waits for its stage 1
-  IFS='|' read -r dir from flags <<< "$1"
-  [ -f "$dir/done" ] && return 0
-  if [ "$from" != - ]; then
-    while [ ! -f "$from/done" ]; do [ -f "$from/failed" ] && { echo "skipped $dir: $from failed"; return 0; }; sleep 5; done
-    flags="$flags --init_from=$from"
-  fi
-  mkdir -p "$dir"
-  if OMP_NUM_THREADS=1 $PY nca_gpt.py $flags --out_dir="$dir" > "$dir/stdout" 2>&1; then touch "$dir/done"; echo "done $dir"
-  else touch "$dir/failed"; echo "FAILED $dir (see $dir/stdout)"; fi
-}
-export -f one; export PY
+. tests/run_one.sh  # one(): a run of the list, unless done; a stage 2 waits for its stage 1
 
 choose() {  # the protocol's choice, from the tuning runs' logs -> OUT/chosen.env
   $PY - "$OUT" "$S1_LRS" "$S1_ITERS" "$STAGE2_LRS" "$TUNE_SEEDS" <<'EOF'
