@@ -234,7 +234,7 @@ def rollout_plain(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0)
 # The 3x3 conv and the first 1x1 conv have nothing between them, so they are one linear map; and
 # its input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16
 # (rule_hidden2) values, summed over the 9 neighbours. One index_select and one embedding_bag a
-# step advance all R rules at once (docs/speed.md: ~3x the plain rollout on a CPU). Its states
+# step advance all R rules at once (docs/speed.md: 2.2-2.7x the plain rollout on a CPU). Its states
 # equal rollout_plain's (tests/test_method.py holds them on thousands of rules).
 
 @functools.lru_cache(maxsize=8)
