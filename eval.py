@@ -12,6 +12,7 @@ docs/evaluation.md.
     python eval.py humaneval --samples=samples.jsonl   # score completions made by any model
     python eval.py bbl --ckpt=out-sft/ckpt.pt          # 19 BIG-bench Lite tasks, 2 shots
     python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # arms over seeds
+    python eval.py trend --runs='out-tune/held-tiny-ARM-s*,out-tune/held-w256-ARM-s*'  # gap vs size
     python eval.py icl --ckpt=out-lm [--at_start=true] # the in-context probe
     python eval.py watch --ckpt=out-nca                # an NCA model's predictions, frame by frame
     python eval.py nca [--num_rules=1024 --n_states=2 ...]   # the NCA data, the filter's statistics
@@ -67,9 +68,11 @@ memory_mb = 2048        # address-space limit per program
 workers = os.cpu_count()  # programs run in parallel
 sandbox = 'auto'        # humaneval: auto (bwrap where it starts, else the guards) | bwrap | guards
 out = ''                # JSON of the results ('' = eval-TASK.json beside the checkpoint, or here)
-runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (a run a seed)
+runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (a run a seed);
+                        # trend: a GLOB a size, ARM where the arm's name goes
 baseline = ''           # compare: the arm the others are measured against ('' = the first)
-png = ''                # compare: plot of validation loss (needs matplotlib); watch: the picture
+arms = 'scratch,nca'     # trend: the baseline, then the arm measured against it
+png = ''                # compare, trend: a plot (needs matplotlib); watch: the picture
 at_start = False        # icl: the model as its run began (blocks transferred, embedding new)
 batches = 32            # icl: batches of held-out text and of repeated random tokens
 seed = 1337
@@ -78,7 +81,7 @@ dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items()
                if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
-TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'icl', 'watch', 'nca', 'export']
+TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'trend', 'icl', 'watch', 'nca', 'export']
 # nca_gpt.py's options that make its NCA data: eval.py nca takes them
 NCA_DATA = ('grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower',
             'gzip_upper', 'gzip_frames', 'num_rules', 'num_val_rules', 'block_size')
@@ -91,6 +94,7 @@ OPTIONS = {  # what each task reads (and all of them --out): any other option gi
     'bbl': SAMPLING,
     'humaneval': SAMPLING + ('samples', 'timeout', 'memory_mb', 'workers', 'sandbox'),
     'compare': ('runs', 'baseline', 'png'),
+    'trend': ('runs', 'arms', 'png'),
     'icl': MODEL + ('at_start', 'batches'),
     'watch': ('ckpt', 'device', 'png'),
     'nca': ('seed', 'device') + NCA_DATA,
@@ -1247,8 +1251,9 @@ def print_table(table, base, base_mean):
           f"second copy minus first (negative: learned in context)")
 
 
-def plot_curves(arms, base):
-    """The runs' validation loss against tokens, an arm a colour, into --png (needs matplotlib)."""
+def pyplot():
+    """matplotlib's pyplot, drawing to files; None, said why, where it does not import (it is
+    optional: the tables and JSON are whole without it)."""
     try:
         import matplotlib
     except ImportError as e:  # absent, or installed but broken: which, said
@@ -1258,9 +1263,17 @@ def plot_curves(arms, base):
         else:
             print(f"matplotlib does not import ({e}): the plot is skipped; "
                   f"the table and JSON are whole")
-        return
+        return None
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(arms, base):
+    """The runs' validation loss against tokens, an arm a colour, into --png (needs matplotlib)."""
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(8, 5))
     for k, (a, curves) in enumerate(arms.items()):
         for j, c in enumerate(curves.values()):
@@ -1315,6 +1328,166 @@ def eval_compare(_):
         plot_curves(arms, base)
     scores = {f"{a} final loss": r['final_loss'] for a, r in table.items()}
     return dict(scores=scores, arms=table, baseline=base)
+
+
+# ---- trend: one arm's gap to a baseline against model size ----
+def non_embedding_params(config):
+    """The parameters of a run's blocks and final norm (the embedding and the head, which follow
+    the vocabulary, left out), from the shape in its config."""
+    with torch.device('meta'):
+        model = GPT(1, config['n_layer'], config['n_head'], config['n_embd'], config['block_size'])
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not name.startswith(('wte.', 'head.')))
+
+
+def early_probe(out_dir):
+    """A run's induction probe early in stage 2 (the first evaluation at or past an eighth of its
+    steps) and at its end; None if it logged none."""
+    rows = [r for r in read_log(out_dir) if 'induction' in r]
+    if not rows:
+        return None
+    eighth = rows[-1]['step'] / 8
+    early = next(r for r in rows if r['step'] >= eighth)
+    return dict(step=early['step'], early=early['induction'], end=rows[-1]['induction'])
+
+
+def size_point(pattern, base, arm):
+    """One size: GLOB with ARM in it -> the paired gap of `arm` to `base` by seed, the size, and the
+    induction probe's early lead."""
+    found = {}
+    for name in (base, arm):
+        dirs = sorted(d for d in glob.glob(pattern.replace('ARM', name)) if os.path.isdir(d))
+        if not dirs:
+            where = pattern.replace('ARM', name)
+            die(f"--runs: {where!r} names no run folder: give globs with ARM where the arm's "
+                f"name goes, e.g. out-tune/held-w256-ARM-s*")
+        found[name] = {run_config(d)['seed']: d for d in dirs}
+    seeds = sorted(found[base].keys() & found[arm].keys())
+    if not seeds:
+        die(f"{pattern}: no seed has both a {base} and a {arm} run")
+    configs = [run_config(found[name][s]) for name in (base, arm) for s in seeds]
+    shapes = {(c['n_layer'], c['n_head'], c['n_embd']) for c in configs}
+    if len(shapes) > 1:
+        die(f"{pattern}: its runs have different shapes (n_layer, n_head, n_embd: "
+            f"{sorted(shapes)}): give one size a glob")
+    finals = {name: [val_curve(found[name][s])[-1][1] for s in seeds] for name in (base, arm)}
+    ends = {val_curve(found[name][s])[-1][0] for name in (base, arm) for s in seeds}
+    if len(ends) > 1:
+        die(f"{pattern}: its runs end at different tokens ({sorted(ends)}): is one unfinished?")
+    diffs = [a - b for a, b in zip(finals[arm], finals[base])]
+    n_layer, n_head, n_embd = shapes.pop()
+    point = dict(glob=pattern, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                 params=non_embedding_params(configs[0]), tokens=ends.pop(), seeds=seeds,
+                 diffs=diffs, paired=paired(diffs),
+                 final_loss={name: float(np.mean(f)) for name, f in finals.items()})
+    probes = {name: [early_probe(found[name][s]) for s in seeds] for name in (base, arm)}
+    if all(all(p) for p in probes.values()):
+        point['induction_step'] = probes[base][0]['step']
+        for when in ('early', 'end'):
+            point[f'induction_{when}'] = {name: float(np.mean([p[when] for p in probes[name]]))
+                                          for name in (base, arm)}
+            point[f'induction_{when}_lead'] = paired(
+                [a[when] - b[when] for a, b in zip(probes[arm], probes[base])])
+    return point
+
+
+def fit_line(points):
+    """Least squares of every seed's gap on log10(non-embedding parameters): slope, intercept, the
+    slope's 95% interval (t, n - 2 d.o.f.) and where the line crosses zero."""
+    x = np.array([math.log10(p['params']) for p in points for _ in p['diffs']])
+    y = np.array([d for p in points for d in p['diffs']])
+    n = len(y)
+    if len(set(x)) < 2 or n < 3:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    dof = n - 2
+    t = T975[dof - 1] if dof <= 10 else 1.96 + 2.5 / dof
+    se = math.sqrt((residual ** 2).sum() / dof / ((x - x.mean()) ** 2).sum())
+    crossing = None
+    if slope != 0:
+        crossing = 10 ** (-intercept / slope)
+    return dict(slope_per_decade=float(slope), slope_ci95=float(t * se), intercept=float(intercept),
+                n=n, zero_at_params=crossing)
+
+
+def print_trend(points, fit, base, arm):
+    gap_head = f"{arm} - {base} (95%)"
+    print(f"{'shape':<14} {'non-emb params':>15} {'seeds':>5} {base + ' final':>14} "
+          f"{arm + ' final':>11} {gap_head:>30} {'induction lead early/end':>26}")
+    for p in points:
+        q = p['paired']
+        shape = f"{p['n_layer']} x {p['n_embd']}"
+        gap = f"{q['mean']:+.4f} +- {q['ci95']:.4f} ({q['same_sign']}/{q['n']})"
+        lead = '-'
+        if 'induction_early_lead' in p:
+            early = p['induction_early_lead']['mean']
+            lead = f"{early:+.3f} / {p['induction_end_lead']['mean']:+.3f}"
+        finals = p['final_loss']
+        print(f"{shape:<14} {p['params']:>15,} {len(p['seeds']):>5} {finals[base]:14.4f} "
+              f"{finals[arm]:11.4f} {gap:>30} {lead:>26}")
+    print(f"the gap: per seed, {arm}'s final validation loss minus {base}'s (the same stage-2 "
+          f"tokens at every size), mean +- the half-width of its 95% interval (t), seeds sharing "
+          f"its sign; "
+          f"induction lead: {arm}'s induction probe minus {base}'s, nats (negative: {arm} learns "
+          f"more from the context), early (an eighth into stage 2) / at the end")
+    if fit is None:
+        print("no line: it needs two sizes and three seeds in all")
+        return
+    print(f"line through every seed's gap in log10(non-embedding parameters): "
+          f"{fit['slope_per_decade']:+.4f} +- {fit['slope_ci95']:.4f} nats a decade "
+          f"({fit['n']} gaps)")
+    if abs(fit['slope_per_decade']) <= fit['slope_ci95']:
+        print("  its interval holds 0: no trend with size is distinguishable from none")
+    if fit['zero_at_params'] is not None:
+        print(f"  it crosses 0 at {fit['zero_at_params']:.3g} non-embedding parameters: an "
+              f"extrapolation of the line from the sizes above, nothing more")
+
+
+def plot_trend(points, fit, base, arm):
+    """Every seed's gap against parameters, the sizes' means with their intervals, and the line."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for p in points:
+        ax.scatter([p['params']] * len(p['diffs']), p['diffs'], color='C0', alpha=0.5, s=18)
+        q = p['paired']
+        ax.errorbar([p['params']], [q['mean']], yerr=[[q['ci95']], [q['ci95']]], fmt='o',
+                    color='C1', capsize=4)
+        ax.annotate(f"{p['n_layer']}x{p['n_embd']}", (p['params'], q['mean']),
+                    textcoords='offset points', xytext=(6, 6), fontsize=8)
+    if fit is not None:
+        xs = np.linspace(min(math.log10(p['params']) for p in points),
+                         max(math.log10(p['params']) for p in points), 50)
+        ax.plot(10 ** xs, fit['intercept'] + fit['slope_per_decade'] * xs, color='C2',
+                label=f"fit: {fit['slope_per_decade']:+.3f} +- {fit['slope_ci95']:.3f} / decade")
+        ax.legend()
+    ax.axhline(0, color='grey', lw=0.8)
+    ax.set_xscale('log')
+    ax.set(xlabel='non-embedding parameters', ylabel=f'{arm} - {base}, final val loss (nats)',
+           title=f'{arm} against {base} over model size (per seed; means with 95% intervals)')
+    write_file(png, lambda tmp: fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight'))
+    print(f"wrote {png}")
+
+
+def eval_trend(_):
+    base, _, arm = arms.partition(',')
+    if not base or not arm or ',' in arm:
+        die(f"--arms={arms}: give the baseline and the arm, e.g. --arms=scratch,nca")
+    patterns = [p for p in runs.split(',') if p]
+    if not patterns or any('ARM' not in p for p in patterns):
+        die("give --runs=GLOB,GLOB,..., a glob a size with ARM where the arm's name goes "
+            "(e.g. out-tune/held-tiny-ARM-s*,out-tune/held-w256-ARM-s*)")
+    points = sorted((size_point(p, base, arm) for p in patterns), key=lambda p: p['params'])
+    fit = fit_line(points)
+    print_trend(points, fit, base, arm)
+    if png:
+        plot_trend(points, fit, base, arm)
+    scores = {f"{p['n_layer']}x{p['n_embd']} {arm} - {base}": p['paired']['mean'] for p in points}
+    if fit is not None:
+        scores['slope a decade'] = fit['slope_per_decade']
+    return dict(scores=scores, sizes=points, fit=fit, arms=[base, arm])
 
 
 # =============================================================================
@@ -1610,7 +1783,8 @@ def main(argv):
         model = load_model()
     out = out or os.path.join(os.path.dirname(path or ''), f'eval-{task}.json')
     tasks = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl,
-             'compare': eval_compare, 'icl': eval_icl, 'watch': eval_watch, 'nca': eval_nca}
+             'compare': eval_compare, 'trend': eval_trend, 'icl': eval_icl, 'watch': eval_watch,
+             'nca': eval_nca}
     t0 = time.time()
     result = tasks[task](model)
     result.update(task=task, checkpoint=path, seed=seed, seconds=time.time() - t0,

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -88,20 +89,76 @@ def test_study_lists_each_run_once_after_the_run_it_starts_from(nca):
         assert nca.stage == ('lm' if not stage_1 else 'dyck' if 's1d-' in out_dir else 'nca'), out_dir
 
 
-@pytest.mark.parametrize('phase', ['tune', 'heldout'])
+def tune_list(env, phase):
+    p = subprocess.run(['bash', os.path.join(ROOT, 'tests', 'tune.sh'), '--list', phase], capture_output=True,
+                       text=True, timeout=60, env=env)
+    return p, [line.split('|') for line in p.stdout.splitlines()]
+
+
+@pytest.mark.parametrize('phase', ['grid', 'nca_lr', 'heldout', 'size'])
 def test_tune_lists_each_run_once_after_the_run_it_starts_from(nca, tmp_path, phase):
-    """tests/tune.sh --list: every run's flags parse, a stage 2 after its stage 1; the held-out phase needs the choice."""
+    """tests/tune.sh --list: every run's flags parse, a stage 2 after its stage 1; the later phases need the choice."""
     env = {**os.environ, 'OUT': str(tmp_path)}
-    script = os.path.join(ROOT, 'tests', 'tune.sh')
-    if phase == 'heldout':
-        p = subprocess.run(['bash', script, '--list', 'heldout'], capture_output=True, text=True, timeout=60, env=env)
+    if phase != 'grid':
+        p, _ = tune_list(env, phase)
         assert p.returncode == 2 and 'run `bash tests/tune.sh tune` first' in p.stderr
-        (tmp_path / 'chosen.env').write_text('SCRATCH_LR=1e-3\nNCA_S1_LR=3e-4\nNCA_S1_ITERS=100\nNCA_LR=1e-3\n')
-    p = subprocess.run(['bash', script, '--list', phase], capture_output=True, text=True, timeout=60, env=env)
+        (tmp_path / 'chosen.env').write_text('SCRATCH_LR=1e-3\nNCA_S1_LR=3e-4\nNCA_S1_ITERS=100\nNCA_LR=2e-3\n')
+    p, lines = tune_list(env, phase)
     assert p.returncode == 0, p.stderr
-    lines = [line.split('|') for line in p.stdout.splitlines()]
-    assert len(lines) == {'tune': 30, 'heldout': 20}[phase]
+    assert len(lines) == {'grid': 42, 'nca_lr': 8, 'heldout': 20, 'size': 42}[phase]
+    widths = set()
     for out_dir, start, flags in each_run_configured(nca, lines):
-        assert nca.stage == ('nca' if '/s1-' in out_dir or '/held-s1-' in out_dir else 'lm'), out_dir
+        stage_1 = '/s1-' in out_dir or '-s1-' in out_dir
+        assert nca.stage == ('nca' if stage_1 else 'lm'), out_dir
         if nca.stage == 'lm':
             assert nca.min_lr == pytest.approx(nca.learning_rate / 10) and nca.max_iters == 800
+            assert nca.batch_size * nca.block_size * nca.max_iters == 8 * 256 * 800  # the same tokens at every size
+        if phase in ('heldout', 'size') and nca.stage == 'lm':
+            assert nca.learning_rate == (1e-3 if 'scratch' in out_dir else 2e-3), out_dir  # the chosen lrs
+        widths.add((nca.n_layer, nca.n_embd))
+    if phase == 'size':
+        assert widths == {(2, 128), (2, 256), (2, 512), (4, 128)}
+
+
+def test_tune_phases_share_their_runs(tmp_path):
+    """NCA's stage 2 at 1e-3 is the grid's cell, and the size phase's width 128 the held-out phase's runs: listed by
+    two phases, each runs once."""
+    env = {**os.environ, 'OUT': str(tmp_path)}
+    (tmp_path / 'chosen.env').write_text('SCRATCH_LR=1e-3\nNCA_S1_LR=3e-4\nNCA_S1_ITERS=100\nNCA_LR=1e-3\n')
+    runs = {phase: {d: (start, flags) for d, start, flags in tune_list(env, phase)[1]}
+            for phase in ('grid', 'nca_lr', 'heldout', 'size')}
+    shared = runs['grid'].keys() & runs['nca_lr'].keys()
+    assert {os.path.basename(d) for d in shared} == {'s1-nca-lr3e-4-it100-s1', 's1-nca-lr3e-4-it100-s2',
+                                                      'nca-lr3e-4-it100-s1', 'nca-lr3e-4-it100-s2'}
+    tiny = {d for d in runs['size'] if '/held-tiny-' in d}
+    assert len(tiny) == 12 and tiny <= runs['heldout'].keys()
+    for d in shared:
+        assert runs['grid'][d] == runs['nca_lr'][d]
+    for d in tiny:
+        assert runs['size'][d] == runs['heldout'][d]
+
+
+def test_a_run_listed_twice_at_once_runs_once(tmp_path):
+    """tests/run_one.sh: two harnesses given the same run at the same time (a phase, and a hand-picked list) run it
+    once; the lock dies with its holder, so a run killed before it finished runs again."""
+    fake = tmp_path / 'fake.sh'  # stands for python: counts its runs, takes a second
+    fake.write_text(f'echo run >> {tmp_path}/count; sleep 1\n')
+    out_dir = tmp_path / 'a-run'
+    line = f'{out_dir}|-|--stage=lm'
+    env = {**os.environ, 'PY': f'bash {fake}'}
+    cmd = ['bash', '-c', f'. tests/run_one.sh; one "{line}"']
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert first.wait(timeout=30) == 0 and second.returncode == 0
+    assert f'running elsewhere: {out_dir}' in second.stdout
+    assert (tmp_path / 'count').read_text() == 'run\n' and (out_dir / 'done').exists()
+    # a holder killed mid-run: not done, and its lock released
+    (out_dir / 'done').unlink()
+    killed = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    time.sleep(0.3)
+    os.killpg(killed.pid, 9)
+    killed.wait()
+    assert not (out_dir / 'done').exists()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=30)
+    assert (tmp_path / 'count').read_text() == 'run\n' * 3 and (out_dir / 'done').exists()

@@ -1,0 +1,97 @@
+"""eval.py trend: one arm's gap to a baseline over model sizes, paired by seed, with a line in log10 of the
+non-embedding parameters. On hand-made run folders (log.jsonl and run.json, as nca_gpt.py writes them)."""
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+import eval as ev  # noqa: E402
+
+SHAPES = {'tiny': (2, 4, 128), 'w256': (2, 4, 256), 'w512': (2, 8, 512)}
+
+
+def write_run(folder, shape, seed, final, induction):
+    """A stage-2 run: validation losses at steps 0, 100 and 800 (tokens 2,048 a step), the probe at each."""
+    folder.mkdir(parents=True)
+    n_layer, n_head, n_embd = SHAPES[shape]
+    rows = [dict(step=s, tokens=2048 * s, val_loss=v, icl=0.0, induction=i)
+            for s, v, i in ((0, 5.5, 0.0), (100, 3.0, induction[0]), (800, final, induction[1]))]
+    (folder / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    config = dict(seed=seed, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=256, init_from='scratch')
+    (folder / 'run.json').write_text(json.dumps(dict(config=config, stage='lm')))
+
+
+@pytest.fixture
+def trend(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, 'png', '')
+    monkeypatch.setattr(ev, 'arms', 'scratch,nca')
+
+    def run(patterns):
+        monkeypatch.setattr(ev, 'runs', ','.join(patterns))
+        return ev.eval_trend(None)
+    return run
+
+
+def test_each_size_is_paired_by_seed_and_its_size_counted_without_embedding(trend, tmp_path):
+    gaps = {'tiny': [0.03, 0.01], 'w256': [0.00, -0.02], 'w512': [-0.02, -0.04]}
+    for shape, diffs in gaps.items():
+        for seed, d in zip((3, 4), diffs):
+            write_run(tmp_path / f'{shape}-scratch-s{seed}', shape, seed, 1.6, (-0.05, -0.10))
+            write_run(tmp_path / f'{shape}-nca-s{seed}', shape, seed, 1.6 + d, (-0.09, -0.12))
+    result = trend([f'{shape}-ARM-s*' for shape in gaps])
+    sizes = result['sizes']
+    assert [(p['n_layer'], p['n_embd']) for p in sizes] == [(2, 128), (2, 256), (2, 512)]
+    for p, (shape, diffs) in zip(sizes, gaps.items()):
+        L, _, C = SHAPES[shape]
+        # per block: q, k, v, out (4 C^2), SwiGLU's gate, up and down at 4 C (12 C^2), two norms; the final norm
+        assert p['params'] == L * (16 * C * C + 2 * C) + C
+        assert p['diffs'] == pytest.approx(diffs)
+        assert p['paired']['mean'] == pytest.approx(np.mean(diffs)) and p['paired']['n'] == 2
+        assert p['induction_step'] == 100
+        assert p['induction_early_lead']['mean'] == pytest.approx(-0.04)
+        assert p['induction_end_lead']['mean'] == pytest.approx(-0.02)
+    # the line, by the textbook formulas, not the code's
+    x = np.array([math.log10(p['params']) for p in sizes for _ in p['diffs']])
+    y = np.array([d for p in sizes for d in p['diffs']])
+    X = np.stack([np.ones_like(x), x], 1)
+    coef, residual, *_ = np.linalg.lstsq(X, y, rcond=None)
+    sigma2 = residual[0] / (len(y) - 2)
+    se = math.sqrt(sigma2 * np.linalg.inv(X.T @ X)[1, 1])
+    fit = result['fit']
+    assert fit['slope_per_decade'] == pytest.approx(coef[1]) and coef[1] < 0
+    assert fit['slope_ci95'] == pytest.approx(2.776 * se, rel=1e-3)  # t(4)
+    assert fit['zero_at_params'] == pytest.approx(10 ** (-coef[0] / coef[1]))
+    assert sizes[0]['params'] < fit['zero_at_params'] < sizes[-1]['params']
+
+
+def test_a_seed_without_its_pair_is_left_out_and_one_size_draws_no_line(trend, tmp_path, capsys):
+    for seed in (3, 4):
+        write_run(tmp_path / f'tiny-scratch-s{seed}', 'tiny', seed, 1.6, (-0.05, -0.1))
+    write_run(tmp_path / 'tiny-nca-s3', 'tiny', 3, 1.65, (-0.05, -0.1))
+    result = trend(['tiny-ARM-s*'])
+    assert result['sizes'][0]['seeds'] == [3] and result['fit'] is None
+    assert 'no line: it needs two sizes' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('case,message', [
+    ('no ARM', "a glob a size with ARM where the arm's name goes"),
+    ('no runs', "names no run folder"),
+    ('two shapes', 'its runs have different shapes'),
+    ('unfinished', 'its runs end at different tokens'),
+])
+def test_bad_runs_are_one_line(trend, tmp_path, case, message):
+    write_run(tmp_path / 'tiny-scratch-s3', 'tiny', 3, 1.6, (-0.05, -0.1))
+    write_run(tmp_path / 'tiny-nca-s3', 'w256' if case == 'two shapes' else 'tiny', 3, 1.6, (-0.05, -0.1))
+    if case == 'unfinished':
+        with open(tmp_path / 'tiny-nca-s3' / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(dict(step=900, tokens=2048 * 900, val_loss=1.5)) + '\n')
+    patterns = {'no ARM': ['tiny-*-s*'], 'no runs': ['w512-ARM-s*']}.get(case, ['tiny-ARM-s*'])
+    with pytest.raises(SystemExit, match=message) as e:
+        trend(patterns)
+    assert '\n' not in str(e.value.code)
