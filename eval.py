@@ -12,6 +12,7 @@ docs/evaluation.md.
     python eval.py humaneval --samples=samples.jsonl   # score completions made by any model
     python eval.py bbl --ckpt=out-sft/ckpt.pt          # 19 BIG-bench Lite tasks, 2 shots
     python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # arms over seeds
+    python eval.py grid --runs='scratch=out-tune/scratch-lr1e-3-s*,nca=out-tune/nca-lr*-it*-s[0-9]'
     python eval.py trend --runs='out-tune/held-tiny-ARM-s*,out-tune/held-w256-ARM-s*'  # gap vs size
     python eval.py icl --ckpt=out-lm [--at_start=true] # the in-context probe
     python eval.py watch --ckpt=out-nca                # an NCA model's predictions, frame by frame
@@ -70,9 +71,9 @@ sandbox = 'auto'        # humaneval: auto (bwrap where it starts, else the guard
 out = ''                # JSON of the results ('' = eval-TASK.json beside the checkpoint, or here)
 runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (a run a seed);
                         # trend: a GLOB a size, ARM where the arm's name goes
-baseline = ''           # compare: the arm the others are measured against ('' = the first)
+baseline = ''           # compare, grid: the arm the others are measured against ('' = the first)
 arms = 'scratch,nca'     # trend: the baseline, then the arm measured against it
-png = ''                # compare, trend: a plot (needs matplotlib); watch: the picture
+png = ''                # compare, grid, trend: a plot (needs matplotlib); watch: the picture
 at_start = False        # icl: the model as its run began (blocks transferred, embedding new)
 batches = 32            # icl: batches of held-out text and of repeated random tokens
 seed = 1337
@@ -81,7 +82,8 @@ dtype = ''              # '' = bfloat16 on CUDA, float32 elsewhere
 config_keys = [k for k, v in globals().items()
                if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 # -----------------------------------------------------------------------------
-TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'trend', 'icl', 'watch', 'nca', 'export']
+TASKS = ['ppl', 'gsm8k', 'humaneval', 'bbl', 'compare', 'grid', 'trend', 'icl', 'watch', 'nca',
+         'export']
 # nca_gpt.py's options that make its NCA data: eval.py nca takes them
 NCA_DATA = ('grid', 'n_states', 'patch', 'temperature', 'identity_bias', 'burn_in', 'gzip_lower',
             'gzip_upper', 'gzip_frames', 'num_rules', 'num_val_rules', 'block_size')
@@ -94,6 +96,7 @@ OPTIONS = {  # what each task reads (and all of them --out): any other option gi
     'bbl': SAMPLING,
     'humaneval': SAMPLING + ('samples', 'timeout', 'memory_mb', 'workers', 'sandbox'),
     'compare': ('runs', 'baseline', 'png'),
+    'grid': ('runs', 'baseline', 'png'),
     'trend': ('runs', 'arms', 'png'),
     'icl': MODEL + ('at_start', 'batches'),
     'watch': ('ckpt', 'device', 'png'),
@@ -1330,6 +1333,85 @@ def eval_compare(_):
     return dict(scores=scores, arms=table, baseline=base)
 
 
+# ---- grid: one arm's gap to a baseline over its stage 1's learning rate and length ----
+def eval_grid(_):
+    arms_found = read_arms()
+    base = baseline or next(iter(arms_found))
+    others = [a for a in arms_found if a != base]
+    if base not in arms_found or len(others) != 1:
+        die("give --runs=BASELINE=GLOB,ARM=GLOB (e.g. scratch=out-tune/scratch-lr1e-3-s*,"
+            "nca=out-tune/nca-lr*-it*-s[0-9]): the arm's runs are laid out by their stage 1")
+    arm = others[0]
+    base_by_seed = {run_config(d)['seed']: c[-1][1] for d, c in arms_found[base].items()}
+    cells = {}  # (stage 1's peak lr, its updates) -> the runs started from such a stage 1
+    for d, curve in arms_found[arm].items():
+        config = run_config(d)
+        source = config.get('init_from', 'scratch')
+        if source in ('scratch', 'resume') or not os.path.isdir(source):
+            die(f"{d} did not start from a stage-1 run folder (init_from={source}): grid lays "
+                f"the arm's runs out by their stage 1's learning rate and length")
+        stage1 = run_config(source)
+        key = (stage1['learning_rate'], stage1['max_iters'])
+        if any(c['seed'] == config['seed'] for c, _ in cells.get(key, [])):
+            die(f"two {arm} runs of seed {config['seed']} start from a stage 1 at lr {key[0]:g} for "
+                f"{key[1]} updates: give a glob that names one run a seed and cell")
+        cells.setdefault(key, []).append((config, curve[-1][1]))
+    table = []
+    for (lr, iters), found in sorted(cells.items()):
+        diffs = [final - base_by_seed[c['seed']] for c, final in found if c['seed'] in base_by_seed]
+        if not diffs:
+            die(f"no {arm} run at stage-1 lr {lr:g}, {iters} updates shares a seed with {base}")
+        signal = arm_stage1(f"{arm} at {lr:g} x {iters}", [c for c, _ in found])
+        table.append(dict(stage1_lr=lr, stage1_iters=iters, paired=paired(diffs),
+                          final_loss=float(np.mean([final for _, final in found])), stage1=signal))
+    gap_head = f"{arm} - {base} (95%)"
+    print(f"{'stage-1 lr':>10} {'updates':>8} {arm + ' final':>12} {gap_head:>32} "
+          f"{'stage 1: acc - copy':>20}")
+    for row in table:
+        q = row['paired']
+        gap = f"{q['mean']:+.4f} +- {q['ci95']:.4f} ({q['same_sign']}/{q['n']})"
+        signal = '-'
+        if row['stage1']:
+            signal = f"{100 * row['stage1']['acc_minus_copy']:+.1f} pts"
+        print(f"{row['stage1_lr']:>10g} {row['stage1_iters']:>8} {row['final_loss']:12.4f} "
+              f"{gap:>32} {signal:>20}")
+    print(f"per seed, {arm}'s final validation loss minus {base}'s, mean +- the half-width of its "
+          f"95% interval (t), seeds sharing its sign; stage 1: next-frame accuracy minus copying's "
+          f"on held-out rules")
+    if png:
+        plot_grid(table, base, arm)
+    scores = {f"{arm} {r['stage1_lr']:g} x {r['stage1_iters']} - {base}": r['paired']['mean']
+              for r in table}
+    return dict(scores=scores, cells=table, arms=[base, arm])
+
+
+def plot_grid(table, base, arm):
+    """The heat map: stage 1's peak lr (rows) x its updates (columns) -> the mean gap."""
+    plt = pyplot()
+    if plt is None:
+        return
+    lrs = sorted({r['stage1_lr'] for r in table})
+    lengths = sorted({r['stage1_iters'] for r in table})
+    gap = np.full((len(lrs), len(lengths)), np.nan)
+    for r in table:
+        gap[lrs.index(r['stage1_lr']), lengths.index(r['stage1_iters'])] = r['paired']['mean']
+    fig, ax = plt.subplots(figsize=(1.6 * len(lengths) + 2.5, 1.1 * len(lrs) + 1.8))
+    limit = np.nanmax(np.abs(gap))
+    image = ax.imshow(gap, cmap='RdBu_r', vmin=-limit, vmax=limit)
+    for i in range(len(lrs)):
+        for j in range(len(lengths)):
+            text = 'not run'
+            if not np.isnan(gap[i, j]):
+                text = f"{gap[i, j]:+.3f}"
+            ax.text(j, i, text, ha='center', va='center', fontsize=9)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+    ax.set(xlabel='stage-1 updates (stopped at the peak)', ylabel='stage-1 peak learning rate',
+           title=f'{arm} - {base}, final validation loss (nats; blue: {arm} ahead)')
+    fig.colorbar(image, ax=ax)
+    write_file(png, lambda tmp: fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight'))
+    print(f"wrote {png}")
+
 # ---- trend: one arm's gap to a baseline against model size ----
 def non_embedding_params(config):
     """The parameters of a run's blocks and final norm (the embedding and the head, which follow
@@ -1783,8 +1865,8 @@ def main(argv):
         model = load_model()
     out = out or os.path.join(os.path.dirname(path or ''), f'eval-{task}.json')
     tasks = {'ppl': eval_ppl, 'gsm8k': eval_gsm8k, 'humaneval': eval_humaneval, 'bbl': eval_bbl,
-             'compare': eval_compare, 'trend': eval_trend, 'icl': eval_icl, 'watch': eval_watch,
-             'nca': eval_nca}
+             'compare': eval_compare, 'grid': eval_grid, 'trend': eval_trend, 'icl': eval_icl,
+             'watch': eval_watch, 'nca': eval_nca}
     t0 = time.time()
     result = tasks[task](model)
     result.update(task=task, checkpoint=path, seed=seed, seconds=time.time() - t0,

@@ -1,5 +1,5 @@
-"""eval.py trend: one arm's gap to a baseline over model sizes, paired by seed, with a line in log10 of the
-non-embedding parameters. On hand-made run folders (log.jsonl and run.json, as nca_gpt.py writes them)."""
+"""eval.py grid and trend: one arm's gap to a baseline over its stage 1's settings, and over model sizes, paired
+by seed, with a line in log10 of the non-embedding parameters. On hand-made run folders (log.jsonl, run.json)."""
 import json
 import math
 import sys
@@ -95,3 +95,50 @@ def test_bad_runs_are_one_line(trend, tmp_path, case, message):
     with pytest.raises(SystemExit, match=message) as e:
         trend(patterns)
     assert '\n' not in str(e.value.code)
+
+
+def write_stage1(folder, lr, iters, acc_minus_copy):
+    """A stage-1 run whose checkpoint is gone: its run.json, and its signal cached as eval.py leaves it."""
+    folder.mkdir(parents=True)
+    config = dict(seed=1, learning_rate=lr, max_iters=iters, stage='nca', init_from='scratch')
+    (folder / 'run.json').write_text(json.dumps(dict(config=config, stage='nca')))
+    (folder / 'signal.json').write_text(json.dumps(dict(step=iters, frame1_minus_last=0.2,
+                                                        acc_minus_copy=acc_minus_copy)))
+
+
+def write_stage2(folder, seed, final, init_from='scratch'):
+    folder.mkdir(parents=True)
+    rows = [dict(step=s, tokens=2048 * s, val_loss=v) for s, v in ((0, 5.5), (800, final))]
+    (folder / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    config = dict(seed=seed, init_from=str(init_from), stage='lm')
+    (folder / 'run.json').write_text(json.dumps(dict(config=config, stage='lm')))
+
+
+def test_grid_lays_the_arm_out_by_its_stage_1(monkeypatch, tmp_path):
+    """eval.py grid: the arm's runs, each found in the cell of the stage 1 it started from (its lr and length, read
+    from that run, not from folder names), paired by seed with the baseline."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ev, 'png', '')
+    monkeypatch.setattr(ev, 'baseline', '')
+    gaps = {(3e-4, 100): [0.01, 0.03], (3e-4, 300): [0.02, 0.02], (3e-3, 100): [0.25, 0.29]}
+    for seed, base in ((1, 1.59), (2, 1.56)):
+        write_stage2(tmp_path / f'scratch-s{seed}', seed, base)
+        for k, ((lr, iters), diffs) in enumerate(gaps.items()):
+            s1 = tmp_path / f's1-cell{k}-s{seed}'  # names that say nothing of the cell
+            write_stage1(s1, lr, iters, 0.1 * (k + 1))
+            write_stage2(tmp_path / f'nca-cell{k}-s{seed}', seed, base + diffs[seed - 1], s1)
+    monkeypatch.setattr(ev, 'runs', 'scratch=scratch-s*,nca=nca-cell*')
+    cells = ev.eval_grid(None)['cells']
+    assert [(c['stage1_lr'], c['stage1_iters']) for c in cells] == sorted(gaps)
+    for c in cells:
+        diffs = gaps[(c['stage1_lr'], c['stage1_iters'])]
+        assert c['paired']['mean'] == pytest.approx(np.mean(diffs)) and c['paired']['n'] == 2
+    assert cells[-1]['stage1']['acc_minus_copy'] == pytest.approx(0.3)  # the (3e-3, 100) cell, k = 2
+    # a glob that takes in two runs of one seed in one cell (another stage-2 lr, say) is refused
+    write_stage2(tmp_path / 'nca-cell0-other-lr-s1', 1, 1.7, tmp_path / 's1-cell0-s1')
+    with pytest.raises(SystemExit, match='two nca runs of seed 1 start from a stage 1 at lr 0.0003 for 100'):
+        ev.eval_grid(None)
+    # an arm that started from nothing has no cell
+    monkeypatch.setattr(ev, 'runs', 'scratch=scratch-s*,other=scratch-s1')
+    with pytest.raises(SystemExit, match='did not start from a stage-1 run folder'):
+        ev.eval_grid(None)

@@ -84,7 +84,7 @@ held() {  # held SHAPE "SEEDS" "ARMS": the chosen settings at SHAPE, scratch and
 
 nca_lr_dir() {  # nca_lr_dir LR SEED: NCA's stage 2 at the chosen stage 1 (at 1e-3: the grid's cell)
   if [ "$1" = 1e-3 ]; then echo "$OUT/nca-lr$NCA_S1_LR-it$NCA_S1_ITERS-s$2"
-  else echo "$OUT/nca-lr$NCA_S1_LR-it$NCA_S1_ITERS-s2lr$1-s$2"; fi
+  else echo "$OUT/nca-s2lr$1-lr$NCA_S1_LR-it$NCA_S1_ITERS-s$2"; fi
 }
 
 runs() {  # runs PHASE: one line per run: out_dir|the stage-1 out_dir it starts from (or -)|flags
@@ -175,7 +175,9 @@ tables() {
     grid)
       arms="scratch=$OUT/scratch-lr1e-3-s*"
       for lr in $S1_LRS; do for it in $S1_ITERS; do arms="$arms,nca-$lr-$it=$OUT/nca-lr$lr-it$it-s[0-9]"; done; done
-      $PY eval.py compare --runs="$arms" --baseline=scratch --out="$OUT/compare-tune.json" || true ;;
+      $PY eval.py compare --runs="$arms" --baseline=scratch --out="$OUT/compare-tune.json" || true
+      $PY eval.py grid --runs="scratch=$OUT/scratch-lr1e-3-s*,nca=$OUT/nca-lr*-it*-s[0-9]" --out="$OUT/grid.json" \
+        --png="$OUT/grid.png" || true ;;
     heldout)
       arms="scratch=$OUT/held-$SHAPE-scratch-s*,nca=$OUT/held-$SHAPE-nca-s*"
       [ -n "$CONTROL" ] && arms="$arms,$CONTROL=$OUT/held-$SHAPE-$CONTROL-s*"
@@ -188,24 +190,36 @@ tables() {
   esac
 }
 
-flops() {  # the study's training FLOPs at SHAPE, and their time on one H100 at 40% of its bf16 peak
-  $PY - "$(dims "$SHAPE")" "$S1_LRS" "$S1_ITERS" "$TUNE_SEEDS" "$STAGE2_LRS" "$HELDOUT" <<'EOF'
+flops() {  # the study's training FLOPs (tune, heldout at SHAPE; size over SIZES), and their time on one H100 at 40%
+  local shape sizes_dims=''
+  IFS=, read -r -a sizes <<< "$SIZES"
+  for shape in "${sizes[@]}"; do sizes_dims="$sizes_dims${shape%%:*}:$(dims "${shape%%:*}"):${shape#*:},"; done
+  $PY - "$SHAPE" "$(dims "$SHAPE")" "$S1_LRS" "$S1_ITERS" "$TUNE_SEEDS" "$STAGE2_LRS" "$HELDOUT" "$sizes_dims" <<'EOF'
 import sys
 import torch
 import nca_gpt
-(L, H, C), s1_lrs, s1_iters, seeds, lrs, held = [[*map(int, sys.argv[1].split())]] + [a.split() for a in sys.argv[2:]]
-def per_token(vocab, T):
+name, dims = sys.argv[1:3]
+s1_lrs, s1_iters, seeds, lrs, held = [a.split() for a in sys.argv[3:8]]
+sizes = [item.split(':') for item in sys.argv[8].split(',') if item]
+def per_token(dims, vocab, T):
+    L, H, C = map(int, dims.split())
     with torch.device('meta'):
         return nca_gpt.GPT(vocab, L, H, C, T).flops_per_token(T)
-stage1 = lambda it: it * 4 * 512 * per_token(64, 512)            # 2-state NCA: 18 tokens, padded to 64
-stage2 = 800 * 8 * 256 * per_token(320, 256)                     # pystdlib bytes: 257 tokens, padded to 320
-grid = len(seeds) * (sum(stage1(int(it)) for it in s1_iters) * len(s1_lrs)
-                     + stage2 * (len(lrs) + len(s1_lrs) * len(s1_iters)))
-nca_lr = len(seeds) * stage2 * (len(lrs) - 1)
-heldout = len(held) * (3 * stage2 + 2 * stage1(max(int(it) for it in s1_iters)))
-for name, f in (('tuning: the grid', grid), ("tuning: NCA's stage-2 lr", nca_lr),
-                ('held-out (the longest stage 1)', heldout), ('all', grid + nca_lr + heldout)):
-    print(f"{name:<32} {f:.3e} FLOPs = {f / (0.4 * 989e12) / 60:.1f} min on one H100 at 40% of 989 TFLOP/s")
+def stage1(dims, it):  # 2-state NCA: 18 tokens, padded to 64
+    return it * 4 * 512 * per_token(dims, 64, 512)
+def stage2(dims):  # pystdlib bytes: 257 tokens, padded to 320
+    return 800 * 8 * 256 * per_token(dims, 320, 256)
+longest = max(int(it) for it in s1_iters)
+grid = len(seeds) * (sum(stage1(dims, int(it)) for it in s1_iters) * len(s1_lrs)
+                     + stage2(dims) * (len(lrs) + len(s1_lrs) * len(s1_iters)))
+nca_lr = len(seeds) * stage2(dims) * (len(lrs) - 1)
+heldout = len(held) * (3 * stage2(dims) + 2 * stage1(dims, longest))
+size = sum(len(s.split()) * (2 * stage2(d) + stage1(d, longest)) for _, d, s in sizes)
+rows = [(f'tune at {name}: the grid', grid), (f"tune at {name}: NCA's stage-2 lr", nca_lr),
+        (f'heldout at {name}', heldout), ('size over ' + ' '.join(n for n, _, _ in sizes), size)]
+for what, f in rows + [('all', sum(f for _, f in rows))]:
+    print(f"{what:<40} {f:.3e} FLOPs = {f / (0.4 * 989e12) / 60:6.1f} min on one H100 at 40% of 989 TFLOP/s")
+print(f"(stage 1 at its longest, {longest} updates, where the choice is not made yet)")
 EOF
 }
 
