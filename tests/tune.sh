@@ -152,6 +152,7 @@ EOF
 
 choose_lr() {  # NCA's stage-2 lr at the chosen stage 1, from its runs' logs -> NCA_LR in OUT/chosen.env
   local cells='' lr
+  chosen
   for lr in $STAGE2_LRS; do cells="$cells $lr=$(nca_lr_dir "$lr" '')"; done
   $PY - "$OUT/chosen.env" "$TUNE_SEEDS" $cells <<EOF
 $final_loss
