@@ -1151,17 +1151,25 @@ def stage1_signal(source):
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
+def t975(dof):
+    """Student's t at 97.5% (beyond 10 degrees of freedom, 1.96 + 2.5 / dof is within 0.02)."""
+    return T975[dof - 1] if dof <= 10 else 1.96 + 2.5 / dof
+
+
+def paired_text(q):
+    """paired()'s result as the tables print it."""
+    return f"{q['mean']:+.4f} +- {q['ci95']:.4f} ({q['same_sign']}/{q['n']})"
+
+
 def paired(diffs):
-    """Per-seed differences -> their mean, the half-width of its 95% interval (t, n - 1 d.o.f.;
-    beyond 10, 1.96 + 2.5 / dof is within 0.02 of the table), and how many seeds share the mean's
-    sign."""
+    """Per-seed differences -> their mean, the half-width of its 95% interval (t, n - 1 d.o.f.),
+    and how many seeds share the mean's sign."""
     d = np.array(diffs)
     n = len(diffs)
     if n <= 1:
         half = float('nan')
     else:
-        t = T975[n - 2] if n <= 11 else 1.96 + 2.5 / (n - 1)
-        half = t * d.std(ddof=1) / math.sqrt(n)
+        half = t975(n - 1) * d.std(ddof=1) / math.sqrt(n)
     same_sign = int((np.sign(d) == np.sign(d.mean())).sum())
     return dict(mean=float(d.mean()), ci95=float(half), same_sign=same_sign, n=n)
 
@@ -1353,8 +1361,8 @@ def eval_grid(_):
         stage1 = run_config(source)
         key = (stage1['learning_rate'], stage1['max_iters'])
         if any(c['seed'] == config['seed'] for c, _ in cells.get(key, [])):
-            die(f"two {arm} runs of seed {config['seed']} start from a stage 1 at lr {key[0]:g} for "
-                f"{key[1]} updates: give a glob that names one run a seed and cell")
+            die(f"two {arm} runs of seed {config['seed']} start from a stage 1 at lr {key[0]:g} "
+                f"for {key[1]} updates: give a glob that names one run a seed and cell")
         cells.setdefault(key, []).append((config, curve[-1][1]))
     table = []
     for (lr, iters), found in sorted(cells.items()):
@@ -1368,8 +1376,7 @@ def eval_grid(_):
     print(f"{'stage-1 lr':>10} {'updates':>8} {arm + ' final':>12} {gap_head:>32} "
           f"{'stage 1: acc - copy':>20}")
     for row in table:
-        q = row['paired']
-        gap = f"{q['mean']:+.4f} +- {q['ci95']:.4f} ({q['same_sign']}/{q['n']})"
+        gap = paired_text(row['paired'])
         signal = '-'
         if row['stage1']:
             signal = f"{100 * row['stage1']['acc_minus_copy']:+.1f} pts"
@@ -1484,13 +1491,12 @@ def fit_line(points):
     slope, intercept = np.polyfit(x, y, 1)
     residual = y - (intercept + slope * x)
     dof = n - 2
-    t = T975[dof - 1] if dof <= 10 else 1.96 + 2.5 / dof
     se = math.sqrt((residual ** 2).sum() / dof / ((x - x.mean()) ** 2).sum())
     crossing = None
     if slope != 0:
         crossing = 10 ** (-intercept / slope)
-    return dict(slope_per_decade=float(slope), slope_ci95=float(t * se), intercept=float(intercept),
-                n=n, zero_at_params=crossing)
+    return dict(slope_per_decade=float(slope), slope_ci95=float(t975(dof) * se),
+                intercept=float(intercept), n=n, zero_at_params=crossing)
 
 
 def print_trend(points, fit, base, arm):
@@ -1498,9 +1504,8 @@ def print_trend(points, fit, base, arm):
     print(f"{'shape':<14} {'non-emb params':>15} {'seeds':>5} {base + ' final':>14} "
           f"{arm + ' final':>11} {gap_head:>30} {'induction lead early/end':>26}")
     for p in points:
-        q = p['paired']
         shape = f"{p['n_layer']} x {p['n_embd']}"
-        gap = f"{q['mean']:+.4f} +- {q['ci95']:.4f} ({q['same_sign']}/{q['n']})"
+        gap = paired_text(p['paired'])
         lead = '-'
         if 'induction_early_lead' in p:
             early = p['induction_early_lead']['mean']
