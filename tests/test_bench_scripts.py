@@ -105,7 +105,8 @@ def test_tune_lists_each_run_once_after_the_run_it_starts_from(nca, tmp_path, ph
         (tmp_path / 'chosen.env').write_text('SCRATCH_LR=1e-3\nNCA_S1_LR=3e-4\nNCA_S1_ITERS=100\nNCA_LR=2e-3\n')
     p, lines = tune_list(env, phase)
     assert p.returncode == 0, p.stderr
-    assert len(lines) == {'grid': 42, 'nca_lr': 8, 'heldout': 20, 'size': 42}[phase]
+    # heldout and size: NCA also at scratch's lr 1e-3 (ALSO_NCA_LR), a run a seed and size more
+    assert len(lines) == {'grid': 42, 'nca_lr': 8, 'heldout': 24, 'size': 56}[phase]
     widths = set()
     for out_dir, start, flags in each_run_configured(nca, lines):
         stage_1 = '/s1-' in out_dir or '-s1-' in out_dir
@@ -114,10 +115,15 @@ def test_tune_lists_each_run_once_after_the_run_it_starts_from(nca, tmp_path, ph
             assert nca.min_lr == pytest.approx(nca.learning_rate / 10) and nca.max_iters == 800
             assert nca.batch_size * nca.block_size * nca.max_iters == 8 * 256 * 800  # the same tokens at every size
         if phase in ('heldout', 'size') and nca.stage == 'lm':
-            assert nca.learning_rate == (1e-3 if 'scratch' in out_dir else 2e-3), out_dir  # the chosen lrs
+            also = 'scratch' in out_dir or '-nca1e-3-' in out_dir
+            assert nca.learning_rate == (1e-3 if also else 2e-3), out_dir  # the chosen lrs, and ALSO_NCA_LR's
         widths.add((nca.n_layer, nca.n_embd))
     if phase == 'size':
         assert widths == {(2, 128), (2, 256), (2, 512), (4, 128)}
+    if phase in ('heldout', 'size'):
+        p, without = tune_list({**env, 'ALSO_NCA_LR': ''}, phase)
+        assert len(without) == len(lines) - {'heldout': 4, 'size': 14}[phase]
+        assert not any('nca1e-3' in d for d, _, _ in without)
 
 
 def test_tune_phases_share_their_runs(tmp_path):

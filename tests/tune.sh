@@ -16,6 +16,7 @@
 #   bash tests/tune.sh nca_lr      # tune's second half alone: NCA's stage-2 lr at the chosen stage 1
 #   bash tests/tune.sh heldout     # the chosen settings on the held-out seeds, then the tables
 #   bash tests/tune.sh size        # the chosen settings over SIZES, then the trend
+#   bash tests/tune.sh all         # the four in turn: the whole study, one command
 #   bash tests/tune.sh --list PHASE  # only print a phase's runs (grid: tune's first half)
 #   SHAPE=small bash tests/tune.sh --flops   # the same study at GPT-2 small's shape: its runs, FLOPs and H100 hours
 #
@@ -32,6 +33,9 @@ S1_ITERS=${S1_ITERS:-100 300 1000}
 STAGE2_LRS=${STAGE2_LRS:-5e-4 1e-3 2e-3}
 SHAPE=${SHAPE:-tiny}  # the shape of tune and heldout (one of SIZES' shapes, or small: GPT-2 small's 12 x 768)
 CONTROL=${CONTROL-shuffled}  # the held-out phase's control arm ('' leaves it out)
+# heldout and size also run NCA's stage 2 at this lr from the same stage 1s (arm ncaLR; '' or the chosen lr: none):
+# does the lr chosen at width 128 carry over to the other sizes?
+ALSO_NCA_LR=${ALSO_NCA_LR-1e-3}
 # size: SHAPE:SEEDS, comma-separated; tiny is the study's 2 layers at width 128, wN width N, d4 four layers
 SIZES=${SIZES:-tiny:3 4 5 6,w256:3 4 5 6,d4:3 4 5 6,w512:3 4}
 
@@ -79,6 +83,9 @@ held() {  # held SHAPE "SEEDS" "ARMS": the chosen settings at SHAPE, scratch and
   for s in $2; do
     stage2 "$1" "$OUT/held-$1-scratch-s$s" - "$SCRATCH_LR" "$s"
     for a in $3; do stage2 "$1" "$OUT/held-$1-$a-s$s" "$OUT/held-$1-s1-$a-s$s" "$NCA_LR" "$s"; done
+    if [ -n "$ALSO_NCA_LR" ] && [ "$ALSO_NCA_LR" != "$NCA_LR" ]; then
+      stage2 "$1" "$OUT/held-$1-nca$ALSO_NCA_LR-s$s" "$OUT/held-$1-s1-nca-s$s" "$ALSO_NCA_LR" "$s"
+    fi
   done
 }
 
@@ -182,12 +189,21 @@ tables() {
     heldout)
       arms="scratch=$OUT/held-$SHAPE-scratch-s*,nca=$OUT/held-$SHAPE-nca-s*"
       [ -n "$CONTROL" ] && arms="$arms,$CONTROL=$OUT/held-$SHAPE-$CONTROL-s*"
+      chosen
+      if [ -n "$ALSO_NCA_LR" ] && [ "$ALSO_NCA_LR" != "$NCA_LR" ]; then
+        arms="$arms,nca$ALSO_NCA_LR=$OUT/held-$SHAPE-nca$ALSO_NCA_LR-s*"
+      fi
       $PY eval.py compare --runs="$arms" --baseline=scratch --out="$OUT/compare-heldout-$SHAPE.json" \
         --png="$OUT/compare-heldout-$SHAPE.png" || true ;;
     size)
       IFS=, read -r -a sizes <<< "$SIZES"
       for shape in "${sizes[@]}"; do arms="$arms,$OUT/held-${shape%%:*}-ARM-s*"; done
-      $PY eval.py trend --runs="${arms#,}" --out="$OUT/trend.json" --png="$OUT/trend.png" || true ;;
+      $PY eval.py trend --runs="${arms#,}" --out="$OUT/trend.json" --png="$OUT/trend.png" || true
+      chosen
+      if [ -n "$ALSO_NCA_LR" ] && [ "$ALSO_NCA_LR" != "$NCA_LR" ]; then
+        $PY eval.py trend --runs="${arms#,}" --arms="scratch,nca$ALSO_NCA_LR" --out="$OUT/trend-nca$ALSO_NCA_LR.json" \
+          --png="$OUT/trend-nca$ALSO_NCA_LR.png" || true
+      fi ;;
   esac
 }
 
@@ -231,12 +247,13 @@ go() {  # go PHASE: its runs, JOBS at a time
 case "${1:-}" in
   --list) runs "${2:-grid}"; exit 0 ;;
   --flops) flops; exit 0 ;;
-  tune|nca_lr|heldout|size) ;;
-  *) echo "usage: bash tests/tune.sh tune|nca_lr|heldout|size|--list PHASE|--flops" >&2; exit 2 ;;
+  tune|nca_lr|heldout|size|all) ;;
+  *) echo "usage: bash tests/tune.sh tune|nca_lr|heldout|size|all|--list PHASE|--flops" >&2; exit 2 ;;
 esac
 [ -f data/pystdlib/meta.json ] || $PY prepare_data.py pystdlib --tokenizer=bytes
 case "$1" in
   tune) go grid; choose; tables grid; go nca_lr; choose_lr ;;
   nca_lr) go nca_lr; choose_lr ;;
+  all) go grid; choose; tables grid; go nca_lr; choose_lr; go heldout; tables heldout; go size; tables size ;;
   *) go "$1"; tables "$1" ;;
 esac
