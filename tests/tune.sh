@@ -211,13 +211,15 @@ flops() {  # the study's training FLOPs (tune, heldout at SHAPE; size over SIZES
   local shape sizes_dims=''
   IFS=, read -r -a sizes <<< "$SIZES"
   for shape in "${sizes[@]}"; do sizes_dims="$sizes_dims${shape%%:*}:$(dims "${shape%%:*}"):${shape#*:},"; done
-  $PY - "$SHAPE" "$(dims "$SHAPE")" "$S1_LRS" "$S1_ITERS" "$TUNE_SEEDS" "$STAGE2_LRS" "$HELDOUT" "$sizes_dims" <<'EOF'
+  $PY - "$SHAPE" "$(dims "$SHAPE")" "$S1_LRS" "$S1_ITERS" "$TUNE_SEEDS" "$STAGE2_LRS" "$HELDOUT" "$sizes_dims" \
+    "$ALSO_NCA_LR" <<'EOF'
 import sys
 import torch
 import nca_gpt
 name, dims = sys.argv[1:3]
 s1_lrs, s1_iters, seeds, lrs, held = [a.split() for a in sys.argv[3:8]]
 sizes = [item.split(':') for item in sys.argv[8].split(',') if item]
+arms = 3 if sys.argv[9] else 2  # stage-2 runs a seed: scratch, NCA, and NCA at ALSO_NCA_LR
 def per_token(dims, vocab, T):
     L, H, C = map(int, dims.split())
     with torch.device('meta'):
@@ -230,8 +232,8 @@ longest = max(int(it) for it in s1_iters)
 grid = len(seeds) * (sum(stage1(dims, int(it)) for it in s1_iters) * len(s1_lrs)
                      + stage2(dims) * (len(lrs) + len(s1_lrs) * len(s1_iters)))
 nca_lr = len(seeds) * stage2(dims) * (len(lrs) - 1)
-heldout = len(held) * (3 * stage2(dims) + 2 * stage1(dims, longest))
-size = sum(len(s.split()) * (2 * stage2(d) + stage1(d, longest)) for _, d, s in sizes)
+heldout = len(held) * ((arms + 1) * stage2(dims) + 2 * stage1(dims, longest))
+size = sum(len(s.split()) * (arms * stage2(d) + stage1(d, longest)) for _, d, s in sizes)
 rows = [(f'tune at {name}: the grid', grid), (f"tune at {name}: NCA's stage-2 lr", nca_lr),
         (f'heldout at {name}', heldout), ('size over ' + ' '.join(n for n, _, _ in sizes), size)]
 for what, f in rows + [('all', sum(f for _, f in rows))]:
