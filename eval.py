@@ -1494,7 +1494,7 @@ def fit_line(points):
     se = math.sqrt((residual ** 2).sum() / dof / ((x - x.mean()) ** 2).sum())
     crossing = None
     if slope != 0:
-        crossing = 10 ** (-intercept / slope)
+        crossing = float(10 ** (-intercept / slope))
     return dict(slope_per_decade=float(slope), slope_ci95=float(t975(dof) * se),
                 intercept=float(intercept), n=n, zero_at_params=crossing)
 
