@@ -1419,6 +1419,7 @@ def plot_grid(table, base, arm):
     write_file(png, lambda tmp: fig.savefig(tmp, format='png', dpi=120, bbox_inches='tight'))
     print(f"wrote {png}")
 
+
 # ---- trend: one arm's gap to a baseline against model size ----
 def non_embedding_params(config):
     """The parameters of a run's blocks and final norm (the embedding and the head, which follow
@@ -1459,8 +1460,9 @@ def size_point(pattern, base, arm):
     if len(shapes) > 1:
         die(f"{pattern}: its runs have different shapes (n_layer, n_head, n_embd: "
             f"{sorted(shapes)}): give one size a glob")
-    finals = {name: [val_curve(found[name][s])[-1][1] for s in seeds] for name in (base, arm)}
-    ends = {val_curve(found[name][s])[-1][0] for name in (base, arm) for s in seeds}
+    curves = {name: [val_curve(found[name][s]) for s in seeds] for name in (base, arm)}
+    finals = {name: [c[-1][1] for c in curves[name]] for name in (base, arm)}
+    ends = {c[-1][0] for name in (base, arm) for c in curves[name]}
     if len(ends) > 1:
         die(f"{pattern}: its runs end at different tokens ({sorted(ends)}): is one unfinished?")
     diffs = [a - b for a, b in zip(finals[arm], finals[base])]
@@ -1559,9 +1561,10 @@ def plot_trend(points, fit, base, arm):
 
 
 def eval_trend(_):
-    base, _, arm = arms.partition(',')
-    if not base or not arm or ',' in arm:
+    names = arms.split(',')
+    if len(names) != 2 or not all(names):
         die(f"--arms={arms}: give the baseline and the arm, e.g. --arms=scratch,nca")
+    base, arm = names
     patterns = [p for p in runs.split(',') if p]
     if not patterns or any('ARM' not in p for p in patterns):
         die("give --runs=GLOB,GLOB,..., a glob a size with ARM where the arm's name goes "
