@@ -19,7 +19,6 @@ Not here: evaluation, plots and the NCA data's statistics (eval.py), downloads
 """
 import functools
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -1053,10 +1052,7 @@ def train():
         vocab = checkpoint['vocab']
     elif init_from != 'scratch':
         source = load_checkpoint(init_from)
-        try:
-            check_source_vocab(source, stage, keep_embeddings)
-        except HFError as e:
-            die(str(e))
+        check_source_vocab(source, stage, keep_embeddings)
     if not checkpoint:
         vocab = source['vocab'] if source and stage == 'sft' else stage_vocab()
 
@@ -1543,15 +1539,9 @@ def resume_command():
 
 def load_checkpoint(path):
     """A run's checkpoint (its out_dir will do), or a Hugging Face Llama folder as a transfer
-    source."""
-    if is_hf_folder(path):
-        try:
-            source = load_hf_llama(path)
-        except HFError as e:
-            die(str(e))
-        for note in source['notes']:
-            print(f"note: {note}")
-        return source
+    source: eval.py reads such a folder, beside its export."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'ckpt.pt')):
+        return load_hf_folder(path)
     if os.path.isdir(path):  # a run's out_dir will do
         path = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(path):
@@ -1560,6 +1550,20 @@ def load_checkpoint(path):
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         die(f"cannot read the checkpoint {path}: {type(e).__name__}: {e}")
+
+
+def load_hf_folder(folder):
+    """A folder without ckpt.pt: an HF Llama folder, read by eval.py into a checkpoint's dict."""
+    if not os.path.exists(os.path.join(folder, 'config.json')):
+        die(f"no checkpoint at {os.path.join(folder, 'ckpt.pt')}")
+    import eval as hf  # here only: training from scratch or a checkpoint never imports it
+    try:
+        source = hf.load_hf_llama(folder)
+    except hf.HFError as e:
+        die(str(e))
+    for note in source['notes']:
+        print(f"note: {note}")
+    return source
 
 
 def open_log(path, step):
@@ -1598,368 +1602,16 @@ def write_run_file(model_args):
     write_or_stop(path, write)
 
 
-# ==== Appendix: Hugging Face Llama folders ======================================
-# The GPT of section 2 is HF's LlamaForCausalLM weight for weight (the same pre-norm RMSNorm, the
-# two-halves rotary convention, SwiGLU, an untied head): only the names differ, and qkv and
-# gate_up are fused here. eval.py export writes such a folder; --init_from=DIR reads one back, or
-# any HF Llama this GPT can hold (no grouped-query attention, SwiGLU at 4 x width, the default
-# rope at theta 1e4, no biases). safetensors is read and written by hand (8 bytes of header
-# length, a JSON header, the raw little-endian tensors): no new dependency.
-RMS_EPS = torch.finfo(torch.float32).eps  # what nn.RMSNorm(eps=None) uses on float32 input: 2**-23
-ROPE_THETA = 1e4                          # rotary()'s theta
-EOT_TEXT = '<|endoftext|>'
-
-
-class HFError(ValueError):
-    """A folder or checkpoint that does not fit: one line saying which field and why."""
-
-
-# ---- safetensors, by hand ---------------------------------------------------------------
-SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
-                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
-                      'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
-SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def write_safetensors(path, tensors, metadata=None):
-    """tensors {name: tensor} -> a .safetensors file at path (contiguous, in name order, header
-    padded to 8)."""
-    if sys.byteorder != 'little':
-        raise HFError("safetensors stores little-endian bytes: this machine is big-endian")
-    header, blobs, offset = {}, [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        if t.dtype not in SAFETENSORS_NAMES:
-            raise HFError(f"{name}: no safetensors dtype for {t.dtype}")
-        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b''
-        header[name] = dict(dtype=SAFETENSORS_NAMES[t.dtype], shape=list(t.shape),
-                            data_offsets=[offset, offset + len(blob)])
-        blobs.append(blob)
-        offset += len(blob)
-    if metadata:
-        header['__metadata__'] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(',', ':')).encode('utf-8')
-    # the tensor data starts 8-byte aligned, as the safetensors library writes it
-    text += b' ' * (-len(text) % 8)
-    with open(path, 'wb') as f:
-        f.write(len(text).to_bytes(8, 'little'))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
-
-
-def read_safetensors(path):
-    """A .safetensors file -> ({name: tensor}, metadata); every offset and size checked against
-    the file."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        n = int.from_bytes(f.read(8), 'little')
-        if size < 8 or n > min(size - 8, 100 << 20):
-            raise HFError(f"{path}: not a safetensors file (header length {n} in a file of "
-                          f"{size} bytes)")
-        try:
-            header = json.loads(f.read(n).decode('utf-8'))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HFError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
-        metadata = header.pop('__metadata__', None) or {}
-        start = 8 + n
-        tensors = {}
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]['data_offsets'][0]):
-            dtype = SAFETENSORS_DTYPES.get(info.get('dtype'))
-            if dtype is None:
-                raise HFError(f"{path}: {name} has dtype {info.get('dtype')!r}, which this reader "
-                              f"does not know")
-            lo, hi = info['data_offsets']
-            count = math.prod(info['shape'])
-            if not 0 <= lo <= hi <= size - start or hi - lo != count * dtype.itemsize:
-                raise HFError(f"{path}: {name}'s data_offsets {[lo, hi]} do not fit its shape "
-                              f"{info['shape']} ({info['dtype']}) or the file")
-            f.seek(start + lo)
-            data = bytearray(f.read(hi - lo))
-            if count:
-                tensor = torch.frombuffer(data, dtype=dtype)
-            else:  # frombuffer refuses an empty buffer
-                tensor = torch.empty(0, dtype=dtype)
-            tensors[name] = tensor.reshape(info['shape'])
-    return tensors, metadata
-
-
-# ---- names: this GPT's <-> HF Llama's ----------------------------------------------------
-def hf_names(n_layer):
-    """[(nca_gpt name, HF name, rows of the nca_gpt weight or None)]; rows split the fused qkv and
-    gate_up."""
-    names = [('wte.weight', 'model.embed_tokens.weight', None)]
-    for i in range(n_layer):
-        b, h = f'blocks.{i}.', f'model.layers.{i}.'
-        names += [(b + 'norm1.weight', h + 'input_layernorm.weight', None),
-                  (b + 'attn.qkv.weight', h + 'self_attn.q_proj.weight', 0),
-                  (b + 'attn.qkv.weight', h + 'self_attn.k_proj.weight', 1),
-                  (b + 'attn.qkv.weight', h + 'self_attn.v_proj.weight', 2),
-                  (b + 'attn.proj.weight', h + 'self_attn.o_proj.weight', None),
-                  (b + 'norm2.weight', h + 'post_attention_layernorm.weight', None),
-                  (b + 'mlp.gate_up.weight', h + 'mlp.gate_proj.weight', 0),
-                  (b + 'mlp.gate_up.weight', h + 'mlp.up_proj.weight', 1),
-                  (b + 'mlp.down.weight', h + 'mlp.down_proj.weight', None)]
-    names += [('norm.weight', 'model.norm.weight', None),
-              ('head.weight', 'lm_head.weight', None)]
-    return names
-
-
-def to_hf_state(state, n_layer):
-    """nca_gpt's state_dict (no head bias) -> HF Llama's, the fused weights split by rows."""
-    out = {}
-    for ours, theirs, part in hf_names(n_layer):
-        w = state[ours]
-        if part is None:
-            out[theirs] = w
-            continue
-        n_parts = 2  # gate, up
-        if '.qkv.' in ours:
-            n_parts = 3  # q, k, v
-        out[theirs] = w.chunk(n_parts, dim=0)[part]
-    return out
-
-
-def from_hf_state(hf, n_layer):
-    """HF Llama's state (every name present) -> nca_gpt's, q/k/v and gate/up concatenated."""
-    out, fused = {}, {}
-    for ours, theirs, part in hf_names(n_layer):
-        if part is None:
-            out[ours] = hf[theirs]
-        else:
-            fused.setdefault(ours, []).append(hf[theirs])
-    return {**out, **{k: torch.cat(v, dim=0) for k, v in fused.items()}}
-
-
-# ---- tokenizers: GPT-2's byte-level BPE, or the 256 bytes -----------------------------------
-def byte_symbols():
-    """GPT-2's printable stand-in for each byte (its bytes_to_unicode): printable Latin-1 bytes
-    stand for themselves, the other 68 bytes, in order, for the characters from U+0100 on."""
-    keep = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
-    moved = [b for b in range(256) if b not in keep]
-    table = {b: chr(b) for b in keep}
-    table.update({b: chr(256 + i) for i, b in enumerate(moved)})
-    return [table[b] for b in range(256)]
-
-
-def tokenizer_fingerprint(vocab, merges):
-    """sha256 of a byte-level BPE's vocabulary {symbol string: id} and merges [(a, b)] (lists or
-    'a b' strings)."""
-    pairs = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in merges]
-    text = json.dumps([sorted(vocab.items(), key=lambda kv: kv[1]), pairs], ensure_ascii=False)
-    return hashlib.sha256(text.encode('utf-8')).hexdigest()
-
-
-# the vocabulary + merges of GPT-2 (50,256 ranks of r50k_base, <|endoftext|> = 50256), as eval.py
-# export writes them and as HF's gpt2 tokenizer has them; test_hf.py recomputes it from
-# tiktoken's ranks
-GPT2_FINGERPRINT = '6123f8097ad00c5690a3697a452311a6d8379211382dddd3a8bc0ed5668e7bf3'
-
-
-def tokenizer_vocab(folder, vocab_size):
-    """The vocabulary of a folder's tokenizer: {'kind': 'gpt2', 'size': 50257} (GPT-2's byte-level
-    BPE, ids as tiktoken's r50k_base), {'kind': 'bytes', 'size': 257} (each UTF-8 byte its id,
-    256 = end-of-text), or, for any other tokenizer or none, {'kind': 'other', 'size': vocab_size,
-    'tokenizer': folder}: its blocks transfer (the embedding and head are re-initialised for the
-    stage's vocabulary), but nothing here can encode its text, so sft and --keep_embeddings
-    refuse it."""
-    other = dict(kind='other', size=vocab_size, tokenizer=os.path.abspath(folder))
-    path = os.path.join(folder, 'tokenizer.json')
-    vocab_path = os.path.join(folder, 'vocab.json')    # the slow GPT2Tokenizer's files
-    merges_path = os.path.join(folder, 'merges.txt')
-    if os.path.exists(path):
-        tok = json.load(open(path, encoding='utf-8'))
-        model = tok.get('model') or {}
-        pre_tokenizer = tok.get('pre_tokenizer') or {}
-        if model.get('type') != 'BPE' or pre_tokenizer.get('type') != 'ByteLevel':
-            return other
-        vocab = dict(model.get('vocab') or {})
-        merges = list(model.get('merges') or [])
-        vocab.update({t['content']: t['id'] for t in tok.get('added_tokens') or []})
-    elif os.path.exists(vocab_path) and os.path.exists(merges_path):
-        vocab = json.load(open(vocab_path, encoding='utf-8'))
-        merges = [line.rstrip('\n') for line in open(merges_path, encoding='utf-8')
-                  if line.strip() and not line.startswith('#version')]
-    else:
-        return other
-    byte_vocab = {s: b for b, s in enumerate(byte_symbols())}
-    if not merges and vocab == {**byte_vocab, EOT_TEXT: 256}:
-        return dict(kind='bytes', size=257)
-    gpt2_sized = len(vocab) == 50257 and vocab.get(EOT_TEXT) == 50256
-    if gpt2_sized and tokenizer_fingerprint(vocab, merges) == GPT2_FINGERPRINT:
-        return dict(kind='gpt2', size=50257)
-    return other
-
-
-# ---- reading a folder --------------------------------------------------------------------
-def hf_rope_theta(cfg):
-    """The rope's theta from either spelling (transformers 4: rope_theta + rope_scaling;
-    5: rope_parameters); a scaled or non-default rope is refused."""
-    params = cfg.get('rope_parameters') or {}
-    scaling = cfg.get('rope_scaling')
-    for field, value in (('rope_parameters', params), ('rope_scaling', scaling or {})):
-        kind = value.get('rope_type', value.get('type', 'default'))
-        if kind != 'default':
-            raise HFError(f"{field}: rope_type {kind!r} (a scaled rope): this GPT's rotary "
-                          f"embedding is the default one")
-        extra = sorted(set(value) - {'rope_type', 'type', 'rope_theta'})
-        if field == 'rope_parameters' and extra:  # e.g. partial_rotary_factor
-            raise HFError(f"rope_parameters: {extra} do not fit this GPT's default rotary embedding")
-    theta = params.get('rope_theta', cfg.get('rope_theta', ROPE_THETA))
-    if float(theta) != ROPE_THETA:
-        raise HFError(f"rope_theta: {theta}, and this GPT's rotary embedding uses theta "
-                      f"{ROPE_THETA:g}")
-    return theta
-
-
-def hf_model_args(cfg, where='config.json'):
-    """config.json (a dict) -> this GPT's model_args, or HFError naming the field that does not
-    fit."""
-    def need(field, ok, why):
-        if not ok:
-            raise HFError(f"{where}: {field}={json.dumps(cfg.get(field))}: {why}")
-    archs = cfg.get('architectures') or ['LlamaForCausalLM']
-    need('model_type', cfg.get('model_type') == 'llama',
-         "only HF Llama (model_type llama) has this GPT's layout")
-    need('architectures', archs == ['LlamaForCausalLM'], "the model must be a LlamaForCausalLM")
-    sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'vocab_size',
-             'intermediate_size')
-    for field in sizes:
-        need(field, isinstance(cfg.get(field), int) and cfg[field] > 0,
-             "a positive integer is needed")
-    C, H = cfg['hidden_size'], cfg['num_attention_heads']
-    need('num_attention_heads', C % H == 0 and (C // H) % 2 == 0,
-         f"hidden_size {C} must split into heads of an even size")
-    need('num_key_value_heads', cfg.get('num_key_value_heads') in (None, H),
-         f"grouped-query attention: this GPT has as many key/value heads as heads ({H})")
-    need('head_dim', cfg.get('head_dim') in (None, C // H),
-         f"this GPT's heads are hidden_size / heads = {C // H} wide")
-    need('intermediate_size', cfg['intermediate_size'] == 4 * C,
-         f"this GPT's SwiGLU is 4 x hidden_size = {4 * C} wide")
-    need('hidden_act', cfg.get('hidden_act', 'silu') == 'silu', "this GPT's MLP is SwiGLU (silu)")
-    need('attention_bias', not cfg.get('attention_bias', False), "this GPT's attention has no biases")
-    need('mlp_bias', not cfg.get('mlp_bias', False), "this GPT's MLP has no biases")
-    need('quantization_config', cfg.get('quantization_config') is None,
-         "quantized weights are not read")
-    need('max_position_embeddings', isinstance(cfg.get('max_position_embeddings', 0), int),
-         "an integer is needed")
-    try:
-        hf_rope_theta(cfg)
-    except HFError as e:
-        raise HFError(f"{where}: {e}") from None
-    block_size = cfg.get('max_position_embeddings') or 2048
-    dropout = float(cfg.get('attention_dropout') or 0.0)
-    return dict(vocab_size=cfg['vocab_size'], n_layer=cfg['num_hidden_layers'], n_head=H, n_embd=C,
-                block_size=block_size, dropout=dropout, head_bias=False, emb_init='normal',
-                scale_residual=True)
-
-
-def hf_weights(folder):
-    """Every tensor of a folder: model.safetensors, or the shards its model.safetensors.index.json
-    names."""
-    index = os.path.join(folder, 'model.safetensors.index.json')
-    single = os.path.join(folder, 'model.safetensors')
-    if os.path.exists(index):
-        files = sorted(set(json.load(open(index))['weight_map'].values()))
-    elif os.path.exists(single):
-        files = ['model.safetensors']
-    else:
-        raise HFError(f"{folder} has no model.safetensors (nor its index): save the model with "
-                      f"safe_serialization")
-    tensors = {}
-    for name in files:
-        tensors.update(read_safetensors(os.path.join(folder, name))[0])
-    return tensors
-
-
-def load_hf_llama(folder):
-    """An HF Llama folder -> a checkpoint-like dict, as load_checkpoint's, for a transfer:
-    {'model': state_dict in this GPT's names (float32), 'model_args', 'vocab' (from the tokenizer
-    files, see tokenizer_vocab), 'stage', 'iter_num', 'config', 'best_val_loss', 'notes' (what
-    does not carry over exactly)}. An export of this project also has nca_gpt.json: its stage,
-    step, config and vocabulary come back from it."""
-    path = os.path.join(folder, 'config.json')
-    if not os.path.exists(path):
-        raise HFError(f"{folder} has no config.json: not a Hugging Face model folder")
-    cfg = json.load(open(path))
-    args = hf_model_args(cfg, path)
-    C, L, V = args['n_embd'], args['n_layer'], args['vocab_size']
-    hf = hf_weights(folder)
-    # old exports saved this buffer
-    hf = {k: v for k, v in hf.items() if not k.endswith('.rotary_emb.inv_freq')}
-    tied = cfg.get('tie_word_embeddings', False)
-    if tied and 'lm_head.weight' not in hf:
-        hf['lm_head.weight'] = hf.get('model.embed_tokens.weight')
-    shapes = {'model.embed_tokens.weight': (V, C), 'lm_head.weight': (V, C),
-              'model.norm.weight': (C,)}
-    for i in range(L):
-        h = f'model.layers.{i}.'
-        shapes.update({h + 'input_layernorm.weight': (C,),
-                       h + 'post_attention_layernorm.weight': (C,),
-                       **{h + f'self_attn.{p}_proj.weight': (C, C) for p in 'qkvo'},
-                       h + 'mlp.gate_proj.weight': (4 * C, C),
-                       h + 'mlp.up_proj.weight': (4 * C, C),
-                       h + 'mlp.down_proj.weight': (C, 4 * C)})
-    extra = sorted(set(hf) - set(shapes))
-    if extra:
-        more = ''
-        if len(extra) > 3:
-            more = f" and {len(extra) - 3} more"
-        raise HFError(f"{folder}: weights this GPT has no place for: {', '.join(extra[:3])}"
-                      + more)
-    for name, shape in shapes.items():
-        if hf.get(name) is None:
-            raise HFError(f"{folder}: the weight {name} is missing")
-        if tuple(hf[name].shape) != shape:
-            raise HFError(f"{folder}: {name} is {tuple(hf[name].shape)}, config.json makes it "
-                          f"{shape}")
-    state = {k: v.float().contiguous() for k, v in from_hf_state(hf, L).items()}
-    if tied:
-        state['head.weight'] = state['head.weight'].clone()  # this GPT's head is its own weight
-    notes = []
-    eps = cfg.get('rms_norm_eps', 1e-6)
-    if eps != RMS_EPS:
-        notes.append(f"rms_norm_eps {eps:g} is read as this GPT's {RMS_EPS:.3g} (nn.RMSNorm's): "
-                     f"outputs differ slightly where a hidden state's mean square is near {eps:g}")
-    if any(v.dtype != torch.float32 for v in hf.values()):
-        stored = sorted({str(v.dtype) for v in hf.values()})
-        notes.append(f"weights stored as {stored}, held here in float32")
-    ours = os.path.join(folder, 'nca_gpt.json')
-    meta = {}
-    if os.path.exists(ours):
-        meta = json.load(open(ours))
-    vocab = meta.get('vocab') or tokenizer_vocab(folder, V)
-    if vocab['kind'] == 'other':
-        notes.append(f"the tokenizer of {folder} is neither GPT-2's nor bytes: only its blocks can "
-                     f"transfer")
-    # an export of this project brings back its own emb_init, scale_residual and dropout
-    exported = meta.get('model_args') or {}
-    kept = {k: v for k, v in exported.items() if k in ('emb_init', 'scale_residual', 'dropout')}
-    return dict(model=state, model_args={**args, **kept}, vocab=vocab,
-                stage=meta.get('stage', 'lm'), iter_num=meta.get('iter_num', 0),
-                best_val_loss=meta.get('best_val_loss', float('inf')),
-                config=meta.get('config', {}), source=os.path.abspath(folder), notes=notes)
-
-
-def is_hf_folder(path):
-    if not os.path.isdir(path):
-        return False
-    has_config = os.path.exists(os.path.join(path, 'config.json'))
-    return has_config and not os.path.exists(os.path.join(path, 'ckpt.pt'))
-
-
 def check_source_vocab(source, stage, keep_embeddings):
-    """train(): a source whose tokenizer is neither GPT-2's nor bytes gives its blocks only. sft
-    takes the source's vocabulary and text_codec would read 'other' as GPT-2's: refused here, in
-    one line, before any data is encoded."""
-    kind = source['vocab']['kind']
-    if kind not in ('nca', 'dyck', 'gpt2', 'bytes') and (stage == 'sft' or keep_embeddings):
-        who = '--keep_embeddings'
-        if stage == 'sft':
-            who = 'sft'
-        raise HFError(f"{source.get('source', 'the source')}'s tokenizer is neither GPT-2's nor "
-                      f"bytes: {who} needs its ids to mean text nca_gpt.py can encode; transfer "
-                      f"its blocks to --stage lm instead")
+    """train(): a source whose tokenizer is neither GPT-2's nor bytes (an HF folder's) gives its
+    blocks only: sft and --keep_embeddings need ids that text_codec can encode."""
+    if source['vocab']['kind'] in ('nca', 'dyck', 'gpt2', 'bytes'):
+        return
+    for who, wants in (('sft', stage == 'sft'), ('--keep_embeddings', keep_embeddings)):
+        if wants:
+            die(f"{source.get('source', 'the source')}'s tokenizer is neither GPT-2's nor bytes: "
+                f"{who} needs its ids to mean text nca_gpt.py can encode; transfer its blocks to "
+                f"--stage lm instead")
 
 
 # ==== Appendix: what a run prints ================================================
