@@ -200,7 +200,7 @@ def as_run(checkpoint, weights=True, **changes):
             setattr(nca_gpt, k, v)
     nca_gpt.device = device
     nca_gpt.vocab = checkpoint['vocab']
-    nca_gpt._rule_sets.clear()  # rule sets of another config must not be reused
+    nca_gpt.rule_set.cache_clear()  # the memory of another config's rule sets
     model = GPT(**checkpoint['model_args'])
     if weights:
         model.load_state_dict(checkpoint['model'])
@@ -872,7 +872,8 @@ def eval_icl(_):
     if at_start and config['init_from'] not in ('scratch', 'resume'):
         source = nca_gpt.load_checkpoint(config['init_from'])
         same_vocab = source['vocab'] == checkpoint['vocab']
-        nca_gpt.transfer(model, source, same_vocab=same_vocab, keep=config['keep_embeddings'])
+        nca_gpt.transfer(model, source, same_vocab=same_vocab, keep=config['keep_embeddings'],
+                         reinit=config.get('reinit', ''), freeze=config.get('freeze', ''))
     model.to(device)
     stats = nca_gpt.evaluate(model, autocast())
     step = 0 if at_start else checkpoint['iter_num']
@@ -924,16 +925,17 @@ def eval_nca(_):
     of the filter over --num_rules candidate rules (gzip-ratio quantiles, share per band,
     acceptance) and the patch tokens' frequency by rank. Its speed: tests/bench_nca.py."""
     g = nca_gpt
-    keys, rules = g.candidate_rules('train', 0, 0, g.num_rules)
-    ratios = g.rule_complexity(rules, keys)
+    cfg = g.data_config('nca')
+    keys, rules = g.candidate_rules(cfg, 'train', 0, 0, g.num_rules)
+    ratios = g.rule_complexity(rules, keys, cfg)
     in_band = (g.gzip_lower < ratios) & (ratios < g.gzip_upper)
     if not in_band.any():
-        g.no_rule_in_band(ratios)
+        g.no_rule_in_band(cfg, ratios)
     kept = rules[in_band.to(rules.device)]
     kept_keys = keys[in_band.to(rules.device)]
     print(f"Four rules in the band ({g.gzip_lower}, {g.gzip_upper}), frames 0-3 after {g.burn_in} "
           f"burn-in steps:")
-    frames = g.trajectories(kept[:4], kept_keys[:4], 4).cpu()
+    frames = g.trajectories(kept[:4], kept_keys[:4], 4, cfg).cpu()
     for r, (f, ratio) in enumerate(zip(frames, ratios[in_band][:4].tolist())):
         print(f"\nrule {r}, gzip ratio {ratio:.3f}\n" + '\n'.join(draw_frames(f, use_color())))
 
@@ -947,7 +949,7 @@ def eval_nca(_):
     print(f"band ({g.gzip_lower}, {g.gzip_upper}) accepts {in_band.float().mean():.1%}")
     # token frequency by rank over (at most) 256 sequences, and its log-log slope (Zipf: about -1)
     B = min(256, len(kept))
-    seq = g.nca_sequences(kept[:B], g.make_key(kept_keys[:B], g.SEQUENCES))
+    seq = g.nca_sequences(kept[:B], g.make_key(kept_keys[:B], g.SEQUENCES), cfg)
     counts = np.sort(np.bincount(seq[seq < g.n_states ** (g.patch * g.patch)].cpu().numpy()))[::-1]
     counts = counts[counts > 0]
     freqs = counts / counts.sum()
@@ -982,6 +984,21 @@ def write_png(path, image):
     write_file(path, write)
 
 
+def detokenize(tokens, n, p, size):
+    """The exact inverse of nca_gpt.tokenize: (R, T * ((S/p)**2 + 2)) -> frames (R, T, S, S)."""
+    frame_len = (size // p) ** 2 + 2
+    if tokens.size(1) % frame_len:
+        raise ValueError(f"{tokens.size(1)} tokens are not whole frames of {frame_len} tokens")
+    tokens = tokens.view(tokens.size(0), -1, frame_len)
+    start, end = nca_gpt.frame_markers(n, p)
+    if (tokens[..., 0] != start).any() or (tokens[..., -1] != end).any():
+        raise ValueError("every frame must be START, patches, END")
+    digits = tokens[..., 1:-1, None] // n ** torch.arange(p * p, device=tokens.device) % n
+    R, T = digits.shape[:2]
+    cells = digits.view(R, T, size // p, size // p, p, p).permute(0, 1, 2, 4, 3, 5)
+    return cells.reshape(R, T, size, size)
+
+
 @torch.no_grad()
 def eval_watch(_, n_rules=3, n_summary=32):
     """eval.py watch: an NCA checkpoint's model reads a held-out rule's trajectory and predicts each
@@ -998,16 +1015,17 @@ def eval_watch(_, n_rules=3, n_summary=32):
     model = as_run(checkpoint, nca_shuffle=False).to(device).eval()
     g = nca_gpt
     grid = nca_gpt.grid
-    x, _ = g.nca_batch('val', 0, n_summary)                              # (R, T): held-out rules
-    L = g.frame_len()
+    cfg = g.data_config('nca')
+    x, _ = g.nca_batch(cfg, 'val', 0, n_summary)                         # (R, T): held-out rules
+    L = g.frame_len(cfg)
     V = g.n_states ** (g.patch * g.patch)
     n = x.size(1) // L                                                    # whole frames it holds
     logits, _ = model(x)
     pred = x.clone()
     # the model's argmax at every patch; START and END as they are
     pred[:, 1:] = torch.where(x[:, 1:] < V, logits[:, :-1, :V].argmax(-1), x[:, 1:])
-    true_f = g.detokenize(x[:, :n * L], g.n_states, g.patch, grid)       # (R, n, S, S)
-    pred_f = g.detokenize(pred[:, :n * L], g.n_states, g.patch, grid)
+    true_f = detokenize(x[:, :n * L], g.n_states, g.patch, grid)       # (R, n, S, S)
+    pred_f = detokenize(pred[:, :n * L], g.n_states, g.patch, grid)
 
     def patches(t):  # (R, n, patches per frame): START and END left out
         return t[:, :n * L].view(-1, n, L)[..., 1:-1]

@@ -4,19 +4,21 @@ Cellular Automata", arXiv 2603.10055). A GPT learns to predict the frames of ran
 automata, where every sequence has a hidden rule to infer in context; its transformer blocks then
 start a language model.
 
-Read it top to bottom:
-  1. the NCA data: the rule network, its rollout, the 2x2 patch tokenizer, the gzip filter,
-     the batches; then the Dyck control and the language batches
+Read it top to bottom. The method, in parts that take their settings as arguments:
+  1. the NCA data (NCAConfig): draw a rule, roll it out, tokenise, filter by gzip, batch;
+     then the Dyck control (DyckConfig)
   2. the GPT (Llama-style)
   3. the transfer: keep the blocks, re-initialise the embedding and the head
-  4. training: one loop for every stage, nca | dyck -> lm -> sft
-  Appendix: presets and recipes, the command line and its checks, files, devices and memory.
-Not here: evaluation, plots and the NCA data's statistics (eval.py), downloads
-(prepare_data.py).
+  Appendix A-C: the NCA data made fast and reproducible, and a band too narrow to fill.
+Then the script, as nanoGPT's train.py: the config, the stage-1 sources (SOURCES), the language
+batches, one training loop for every stage (nca | dyck -> lm -> sft), and its machinery.
+Not here: evaluation, plots, Hugging Face folders and the NCA data's statistics (eval.py),
+downloads (prepare_data.py).
 
     python nca_gpt.py --stage nca                  # then --stage lm --init_from=out-nca (README)
     torchrun --nproc_per_node=8 nca_gpt.py --stage nca --preset=paper
 """
+import dataclasses
 import functools
 import gzip
 import json
@@ -33,127 +35,72 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# config: module-level values, each overridable as --key=value or --key value.
-# Resolved once (configure, in the appendix): defaults < preset < recipe < command line.
-stage = 'nca'           # nca | dyck | lm | sft
-preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise):
-                        #   PRESETS, in the appendix
-out_dir = ''            # where checkpoints and log.jsonl go ('' = out-{stage})
-init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | a checkpoint or HF Llama folder
-                        #   to transfer from
-seed = 1337             # one seed gives the same rules, sequences and losses
-# data: NCA (the defaults are the paper's, from its public code)
-grid = 12               # the torus is grid x grid cells
-n_states = 10           # each cell holds one of n_states colours
-rule_hidden1 = 4        # the rule network: 3x3 conv n_states -> rule_hidden1,
-rule_hidden2 = 16       #   then 1x1 -> rule_hidden2, ReLU, 1x1 -> n_states
-patch = 2               # a patch x patch block of cells is one token:
-                        #   n_states ** (patch * patch) of them
-temperature = 1e-4      # softmax temperature of the update; 0 means exact argmax
-identity_bias = 0.0     # added to the logit of a cell's current state (> 0 makes rules lazier)
-burn_in = 10            # steps simulated and dropped before the first frame
-gzip_lower = 0.5        # keep a rule when gzip_lower < ratio < gzip_upper: (0.5, 1.0) for web text
-gzip_upper = 1.0        #   and math, (0.3, 0.4) for code in the paper
-gzip_frames = 10        # frames after burn-in that the filter compresses
-band = ''               # 'auto': gzip_lower, gzip_upper from the gzip ratio of --dataset
-                        #   (docs/comparisons.md)
-num_rules = 16000       # training rules per epoch (eval.py nca: candidate rules to analyse)
-num_val_rules = 2000    # held-out rules, never trained on
-rule_resample = 1       # epochs between fresh rule sets; 0 = one set for the whole run
-                        #   (the authors' code)
-nca_loss = 'patches'    # patches: START/END out of the loss | all: predicted too
-                        #   (the authors' code)
-nca_shuffle = False     # control: permute each sequence's patch tokens
-                        #   (the same tokens, no dynamics)
-# data: Dyck control
-dyck_k = 64             # bracket types: vocabulary 2 * dyck_k
-dyck_depth = 16         # maximum nesting depth
-dyck_p_open = 0.5       # probability of opening when both moves are allowed
-# data: lm and sft read what prepare_data.py wrote
-dataset = 'openwebtext' # folder under data_dir
-data_dir = 'data'
-# model (Llama-style: RMSNorm, RoPE, SwiGLU, untied head)
-n_layer = 12
-n_head = 12
-n_embd = 768
-block_size = 1024       # context length; NCA and Dyck sequences are this long
-dropout = 0.0           # attention dropout (the paper: 0.1)
-# the recipe: project | authors (RECIPES, in the appendix, sets the items below as the authors'
-# code has them)
-recipe = 'project'
-emb_init = 'normal'     # fresh embedding and head: normal N(0, 0.02) | torch: torch's defaults
-                        #   (the authors' stage 2)
-head_bias = False       # the head has a bias, at torch's init U(+-1/sqrt(n_embd))
-                        #   (the authors' stage 1)
-scale_residual = True   # residual projections at N(0, 0.02 / sqrt(2 n_layer)) (GPT-2); False: 0.02
-pad_vocab = 64          # embedding and head rows: the vocabulary rounded up to a multiple
-                        #   (the authors: 64000, 1)
-# transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head
-# re-initialised
-reinit = ''             # also re-initialise parts: e.g. 'attn', 'mlp:0-11', 'attn:12-23,norm'
-freeze = ''             # parts to keep fixed, same syntax; 'emb' and 'head' too
-keep_embeddings = False # keep embedding and head when the vocabulary is the same
-                        #   (the C4 "no re-init" control)
-# optimisation (AdamW; the NCA stage's Adam is AdamW with weight_decay 0)
-batch_size = 16         # sequences per micro-step per process
-gradient_accumulation_steps = 2  # micro-steps per update, over all processes
-                                 #   (32 sequences per update)
-max_iters = 5000        # updates
-max_tokens = 0          # if > 0, train on this many tokens instead (the C4 baseline's budget)
-epochs = 0.0            # if > 0, train this many passes over the data instead
-                        #   (sft: 10 for GSM8K)
-learning_rate = 1e-4    # peak
-min_lr = 0.0            # floor of the cosine
-warmup_iters = 5000     # linear warm-up
-lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters)
-stop_at_peak = False    # the paper's stage 1: warm up over the whole run and stop at the peak lr
-                        #   (no decay)
-weight_decay = 0.0
-decay_all = False       # weight decay on every parameter, norms too (the authors' AdamW);
-                        #   False: matrices only
-beta1 = 0.9
-beta2 = 0.999           # torch's Adam default, as the paper's code
-                        #   (nanoGPT: 0.95, which the small presets use)
-grad_clip = 1.0         # 0 disables
-clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean
-                        #   (the authors' stage 2)
-warmup_zero = False     # the warm-up starts at lr 0 (the authors' LambdaLR);
-                        #   False: at lr / (warmup_iters + 1)
-# I/O
-eval_interval = 250     # evaluate and checkpoint every this many steps
-eval_iters = 20         # batches per evaluation
-log_interval = 10       # print a line every this many steps
-# system
-device = ''             # '' picks cuda, then mps, then cpu
-dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
-compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-# -----------------------------------------------------------------------------
-
 
 # ==== 1. The NCA data ========================================================
-# --- the rule network --------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NCAConfig:
+    """Everything an NCA batch depends on. The defaults are the paper's, from its public code;
+    each field is a command-line option too (--n_states=3)."""
+    grid: int = 12               # the torus is grid x grid cells
+    n_states: int = 10           # each cell holds one of n_states colours
+    rule_hidden1: int = 4        # the rule network: 3x3 conv n_states -> rule_hidden1,
+    rule_hidden2: int = 16       #   then 1x1 -> rule_hidden2, ReLU, 1x1 -> n_states
+    patch: int = 2               # a patch x patch block of cells is one token:
+                                 #   n_states ** (patch * patch) of them
+    temperature: float = 1e-4    # softmax temperature of the update; 0 means exact argmax
+    identity_bias: float = 0.0   # added to the logit of a cell's current state (> 0: lazier rules)
+    burn_in: int = 10            # steps simulated and dropped before the first frame
+    gzip_lower: float = 0.5      # keep a rule when gzip_lower < ratio < gzip_upper: (0.5, 1.0)
+    gzip_upper: float = 1.0      #   for web text and math, (0.3, 0.4) for code in the paper
+    gzip_frames: int = 10        # frames after burn-in that the filter compresses
+    num_rules: int = 16000       # training rules per epoch (eval.py nca: candidates to analyse)
+    num_val_rules: int = 2000    # held-out rules, never trained on
+    rule_resample: int = 1       # epochs between fresh rule sets; 0 = one set for the whole run
+                                 #   (the authors' code)
+    nca_loss: str = 'patches'    # patches: START/END out of the loss | all: predicted too
+                                 #   (the authors' code)
+    nca_shuffle: bool = False    # control: permute each sequence's patch tokens
+                                 #   (the same tokens, no dynamics)
+    seed: int = 1337             # the run's: one seed gives the same rules and sequences
+    block_size: int = 1024       # the run's context: a sequence is this long
+    device: str = 'cpu'
+
+
+# --- draw a rule ----------------------------------------------------------------
 # A rule is a tiny conv-MLP with random, never-trained weights. It reads a cell's 3x3
 # neighbourhood of one-hot states on the torus and gives logits for the cell's next state, drawn
 # at a low temperature. Every cell updates at every step (Growing NCA updates a random half; here
-# there is no fire rate).
+# there is no fire rate). Its random numbers are hashes (appendix B): rule i of a rule set is the
+# same whatever the batch, the device or the number of GPUs.
 
-def rule_shapes(n):
-    """The rule network's three kernels (out, in, ...) for n states; the paper's biases start at
-    0 and stay there."""
-    return [(rule_hidden1, n, 3, 3), (rule_hidden2, rule_hidden1), (n, rule_hidden2)]
+def rule_shapes(cfg):
+    """The rule network's three kernels (out, in, ...); the paper's biases start at 0 and stay
+    there."""
+    n = cfg.n_states
+    return [(cfg.rule_hidden1, n, 3, 3), (cfg.rule_hidden2, cfg.rule_hidden1), (n, cfg.rule_hidden2)]
 
 
-def sample_rules(keys, n):
+def rule_nonlinearity(h):
+    """Between the rule network's two 1x1 convs: both rollouts (plain and appendix A's) use it."""
+    return h.relu_()
+
+
+def candidate_rules(cfg, split, which, first, count):
+    """Candidates first .. first + count - 1 of rule set `which` -> keys (count,), rules
+    (count, P)."""
+    index = torch.arange(first, first + count, device=cfg.device)
+    keys = make_key(cfg.seed, SPLITS[split], RULES, which, index)
+    return keys, sample_rules(keys, cfg)
+
+
+def sample_rules(keys, cfg):
     """keys (R,) -> rules (R, P), each row the flattened weights of one rule (P = 584 for 10
     states). The kernels are Flax's lecun normal: a normal truncated at 2 std, variance
     1 / fan-in."""
     if len(keys) > 256:  # in pieces that stay in cache: 3x faster for 2,048 rules
-        pieces = [sample_rules(keys[i:i + 256], n) for i in range(0, len(keys), 256)]
+        pieces = [sample_rules(keys[i:i + 256], cfg) for i in range(0, len(keys), 256)]
         return torch.cat(pieces)
-    shapes = rule_shapes(n)
+    shapes = rule_shapes(cfg)
     sizes = [math.prod(s) for s in shapes]
     u = uniform(keys, sum(sizes))
     # the truncated normal by its inverse CDF
@@ -166,12 +113,22 @@ def sample_rules(keys, n):
     return z * (1.0 / torch.cat(fan_in)).sqrt() / 0.87962566103423978
 
 
-def unpack_rules(rules, n):
+def unpack_rules(rules, cfg):
     """rules (R, P) -> the kernels conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16)
     (the widths: rule_hidden1, rule_hidden2): views, not copies."""
-    shapes = rule_shapes(n)
+    shapes = rule_shapes(cfg)
     parts = rules.split([math.prod(s) for s in shapes], dim=1)
     return [p.view(-1, *s) for p, s in zip(parts, shapes)]
+
+
+# --- roll it out ------------------------------------------------------------------
+def initial_grids(keys, n, size):
+    """keys (R,) -> (R, size, size) long: per grid, colour logits ~ N(0, 1), then i.i.d. cells."""
+    u = uniform(keys, n + size * size)
+    probs = torch.softmax(torch.special.ndtri(u[:, :n]), dim=-1)                  # (R, n)
+    cdf = probs.cumsum(-1)  # categorical() for size*size draws from each grid's one distribution
+    cells = torch.searchsorted(cdf, u[:, n:] * cdf[:, -1:]).clamp_max(n - 1)      # (R, size*size)
+    return cells.view(-1, size, size)
 
 
 def per_rule_conv(x, kernel):
@@ -207,7 +164,7 @@ def nca_step(state, kernels, u, temperature, identity_bias):
     x = F.one_hot(state, conv3.size(1)).permute(0, 3, 1, 2).float()   # (R, n, S, S) one-hot states
     x = F.pad(x, (1, 1, 1, 1), mode='circular')                     # (R, n, S+2, S+2): the torus
     h = per_rule_conv(x, conv1)                                      # (R, 4, S, S) 3x3 conv
-    h = per_rule_conv(h, conv2[..., None, None]).relu()              # (R, 16, S, S) 1x1 conv, ReLU
+    h = rule_nonlinearity(per_rule_conv(h, conv2[..., None, None]))  # (R, 16, S, S) 1x1 conv, ReLU
     logits = per_rule_conv(h, conv3[..., None, None])                # (R, n, S, S) 1x1 conv
     next_state = draw_next(logits.flatten(2), state.view(R, -1), u, temperature, identity_bias)
     return next_state.view(R, S, S)
@@ -215,10 +172,9 @@ def nca_step(state, kernels, u, temperature, identity_bias):
 
 @torch.no_grad()
 def rollout_plain(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
-    """The rollout as the network is written: grid0 (R, S, S) long, keys (R,) for the sampling
-    noise -> (R, n_steps + 1, S, S), the initial grid then the state after each step. Step t draws
-    cell c with counter t * S*S + c of its key. `rollout` below computes the same states faster;
-    training uses that one."""
+    """grid0 (R, S, S) long, keys (R,) for the sampling noise -> (R, n_steps + 1, S, S), the
+    initial grid then the state after each step. Step t draws cell c with counter t * S*S + c of
+    its key."""
     R, S, _ = grid0.shape
     if temperature:
         us = uniform(keys, n_steps * S * S).view(R, n_steps, S * S)
@@ -229,121 +185,22 @@ def rollout_plain(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0)
     return torch.stack(states, 1)
 
 
-# --- the same rollout, made fast ---------------------------------------------
-# The 3x3 conv and the first 1x1 conv have nothing between them, so they are one linear map; and
-# its input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16
-# (rule_hidden2) values, summed over the 9 neighbours. One index_select and one embedding_bag a
-# step advance all R rules at once (docs/speed.md: 2.2-2.7x the plain rollout on a CPU). Its states
-# equal rollout_plain's (tests/test_method.py holds them on thousands of rules).
-
-@functools.lru_cache(maxsize=8)
-def torus_neighbours(size, device):
-    """(9, size*size): the flat index of each cell's 3x3 neighbourhood on the torus, in conv
-    kernel order."""
-    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
-    nbrs = [((y + dy) % size) * size + (x + dx) % size for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    return torch.stack(nbrs).view(9, -1).to(device)
+rollout = rollout_plain  # appendix A swaps in the lookup table: the same states, 2-3x faster
 
 
-@torch.no_grad()
-def rollout(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
-    """rollout_plain's states, computed with the lookup table. The same arguments and result."""
-    conv1, conv2, conv3 = kernels
-    R, S, _ = grid0.shape
-    C, n, hidden, dev = S * S, conv3.size(1), conv2.size(1), grid0.device
-    table = torch.einsum('rcsij,roc->rijso', conv1, conv2)  # (R, 9 neighbours, n states, hidden)
-    table = table.reshape(R * 9 * n, hidden)
-    # cell c's 9 rows: r*9n + k*n + (the state of its neighbour k), read by one index_select
-    # of the (R, 9, C) grid of states + r*9n + k*n
-    rule_and_neighbour = torch.arange(R, device=dev).view(R, 1, 1) * 9
-    rule_and_neighbour = rule_and_neighbour + torch.arange(9, device=dev).view(1, 9, 1)
-    first_row = rule_and_neighbour.int() * n                                  # (R, 9, 1)
-    take = (torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
-    take = (take + torus_neighbours(S, dev).t()).flatten()                    # (R*C*9,)
-    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)       # 9 rows a cell
-    if temperature:
-        us = uniform(keys, n_steps * C).view(R, n_steps, C)
-    states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
-    states[:, 0] = grid0.reshape(R, C)
-    for t in range(n_steps):
-        state = states[:, t]
-        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
-        h = F.embedding_bag(rows, table, bags, mode='sum').relu_().view(R, C, hidden)
-        # (R, n, C): the states on the middle axis, so that ops over them run along rows of cells
-        # (3-6x faster)
-        logits = torch.bmm(conv3, h.transpose(1, 2))
-        u = us[:, t] if temperature else None
-        states[:, t + 1] = draw_next(logits, state, u, temperature, identity_bias)
-    return states.long().view(R, n_steps + 1, S, S)
+def trajectories(rules, keys, n_frames, cfg):
+    """rules (R, P), keys (R,) -> (R, n_frames, S, S): the frames after burn-in, from each key's
+    own random grid. The grid and the sampling noise have streams of their own (a rule's key
+    already made its weights)."""
+    grid0 = initial_grids(make_key(keys, GRID), cfg.n_states, cfg.grid)
+    kernels = unpack_rules(rules, cfg)
+    n_steps = cfg.burn_in + n_frames - 1
+    noise = make_key(keys, NOISE)
+    frames = rollout(kernels, grid0, n_steps, noise, cfg.temperature, cfg.identity_bias)
+    return frames[:, cfg.burn_in:]
 
 
-# --- random numbers: a hash of (seed, purpose, index) ---------------------------
-# Every random number of the data is a pure function of (seed, what it is for, which rule or
-# sequence), by a counter-based hash, not a stateful generator: sequence i is the same whatever
-# the batch size, the number of GPUs, the device, or where a run resumed. make_key names a
-# stream; uniform and randint draw from it.
-MASK32 = 0xFFFFFFFF
-RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE, REPEAT = range(1, 11)  # the purposes
-SPLITS = {'train': 0, 'val': 1}
-
-
-def mix32(x):
-    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never
-    overflow). After the first operation a tensor is hashed in place: big int64 temporaries would
-    cost more than the arithmetic."""
-    x = x ^ (x >> 16)
-    for _ in range(2):
-        x *= 0x45d9f3b
-        x &= MASK32
-        x ^= x >> 16
-    return x
-
-
-def make_key(*ids):
-    """Hash a tuple of ids (ints, or one int64 tensor of them) into one 32-bit key per element."""
-    h = 0
-    for i in ids:
-        h = mix32(h ^ (i & MASK32))
-    return h
-
-
-def hash_bits(keys, n):
-    """keys (N,) int64 -> (N, n) int64 of 32 random bits: counter k of key j."""
-    return mix32(keys[:, None] ^ mix32(torch.arange(n, device=keys.device) + 0x9E3779B))
-
-
-def uniform(keys, n):
-    """keys (N,) -> (N, n) float32 uniforms strictly inside (0, 1)."""
-    # 23 bits: exact in float32, never 0 or 1
-    return ((hash_bits(keys, n) >> 9).float() + 0.5) / 2 ** 23
-
-
-def randint(keys, n, high):
-    """keys (N,) -> (N, n) int64 in [0, high), from 62 random bits (uniform enough for any
-    corpus)."""
-    bits = hash_bits(keys, 2 * n).view(-1, n, 2)
-    return ((bits[..., 0] << 30) ^ bits[..., 1]) % high
-
-
-def categorical(probs, u, dim=-1):
-    """Inverse-CDF sampling along dim: probs (..., n, ...), not necessarily normalised, and u
-    uniforms of the other dims -> indices: the first whose cumulative weight reaches u * total,
-    i.e. how many fall short of it. u is scaled by the total, so that rounding in the cumulative
-    sum never picks an index of probability 0."""
-    cdf = probs.cumsum(dim)
-    return (cdf < u.unsqueeze(dim) * cdf.narrow(dim, -1, 1)).sum(dim)
-
-
-def initial_grids(keys, n, size):
-    """keys (R,) -> (R, size, size) long: per grid, colour logits ~ N(0, 1), then i.i.d. cells."""
-    u = uniform(keys, n + size * size)
-    probs = torch.softmax(torch.special.ndtri(u[:, :n]), dim=-1)                  # (R, n)
-    cdf = probs.cumsum(-1)  # categorical() for size*size draws from each grid's one distribution
-    cells = torch.searchsorted(cdf, u[:, n:] * cdf[:, -1:]).clamp_max(n - 1)      # (R, size*size)
-    return cells.view(-1, size, size)
-
-
-# --- the patch tokenizer -------------------------------------------------------
+# --- tokenise: 2x2 patches, each frame between START and END ----------------------
 def frame_markers(n, p):
     """START and END: the two ids after the n ** (p * p) patch tokens. A frame is START, its
     patches, END."""
@@ -369,28 +226,18 @@ def tokenize(frames, n, p):
     return torch.cat([starts, tokens, ends], dim=2).flatten(1)
 
 
-def detokenize(tokens, n, p, size):
-    """The exact inverse of tokenize: (R, T * ((S/p)**2 + 2)) -> frames (R, T, S, S)."""
-    frame_len = (size // p) ** 2 + 2
-    if tokens.size(1) % frame_len:
-        raise ValueError(f"{tokens.size(1)} tokens are not whole frames of {frame_len} tokens")
-    tokens = tokens.view(tokens.size(0), -1, frame_len)
-    start, end = frame_markers(n, p)
-    if (tokens[..., 0] != start).any() or (tokens[..., -1] != end).any():
-        raise ValueError("every frame must be START, patches, END")
-    digits = tokens[..., 1:-1, None] // n ** torch.arange(p * p, device=tokens.device) % n
-    R, T = digits.shape[:2]
-    cells = digits.view(R, T, size // p, size // p, p, p).permute(0, 1, 2, 4, 3, 5)
-    return cells.reshape(R, T, size, size)
+def frame_len(cfg):
+    return (cfg.grid // cfg.patch) ** 2 + 2  # START + patches + END: 38 at the defaults
 
 
-# --- the gzip complexity filter -------------------------------------------------
-# A rule set is the first candidates of a seeded stream whose trajectories gzip to a ratio inside
-# the band. These functions read the NCA data config at the top (n_states, grid, patch, temperature,
-# burn_in, ...).
-MAX_CANDIDATES_PER_RULE = 100  # a band keeping under 1% of the candidates stops early, saying so
+def nca_vocab(cfg):
+    """What an NCA run's token ids mean: the patch tokens, then START and END."""
+    _, end = frame_markers(cfg.n_states, cfg.patch)
+    return dict(kind='nca', size=end + 1, n_states=cfg.n_states, patch=cfg.patch, grid=cfg.grid)
+
+
+# --- filter by gzip: the complexity knob ----------------------------------------------
 _gzip_pool = ThreadPoolExecutor(os.cpu_count())  # zlib releases the GIL, so threads use every core
-_rule_sets = {}  # get_rule_set's cache
 
 
 def gzip_ratio(tokens):
@@ -400,289 +247,103 @@ def gzip_ratio(tokens):
     return len(gzip.compress(raw, compresslevel=9, mtime=0)) / len(raw)
 
 
-def trajectories(rules, keys, n_frames):
-    """rules (R, P), keys (R,) -> (R, n_frames, S, S): the frames after burn-in, from each key's
-    own random grid. The grid and the sampling noise have streams of their own (a rule's key
-    already made its weights)."""
-    grid0 = initial_grids(make_key(keys, GRID), n_states, grid)
-    kernels = unpack_rules(rules, n_states)
-    n_steps = burn_in + n_frames - 1
-    frames = rollout(kernels, grid0, n_steps, make_key(keys, NOISE), temperature, identity_bias)
-    return frames[:, burn_in:]
-
-
-def rule_complexity(rules, keys):
+def rule_complexity(rules, keys, cfg):
     """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames
     frames. On a CPU 128 rules at a time: zlib's threads compress a part while the next one rolls
     out."""
     chunk = 128 if rules.device.type == 'cpu' else max(len(rules), 1)
     ratios = []
     for i in range(0, len(rules), chunk):
-        frames = trajectories(rules[i:i + chunk], keys[i:i + chunk], gzip_frames)
-        tokens = frame_tokens(frames, n_states, patch).flatten(1).cpu().numpy()
+        frames = trajectories(rules[i:i + chunk], keys[i:i + chunk], cfg.gzip_frames, cfg)
+        tokens = frame_tokens(frames, cfg.n_states, cfg.patch).flatten(1).cpu().numpy()
         ratios.append(_gzip_pool.map(gzip_ratio, tokens))  # submitted now, collected below
     return torch.tensor([r for part in ratios for r in part], dtype=torch.float32)
 
 
-def candidate_rules(split, rule_set, first, count):
-    """Candidates first .. first + count - 1 of a rule set -> keys (count,), rules (count, P)."""
-    index = torch.arange(first, first + count, device=device)
-    keys = make_key(seed, SPLITS[split], RULES, rule_set, index)
-    return keys, sample_rules(keys, n_states)
-
-
-def rule_set_key(split, rule_set, count):
-    """What a rule set depends on: get_rule_set's cache key. The rule network's shape is part of
-    it."""
-    data = (grid, n_states, rule_hidden1, rule_hidden2, patch, temperature, identity_bias, burn_in,
-            gzip_lower, gzip_upper, gzip_frames)
-    return (split, rule_set, count, seed, device) + data
-
-
-def get_rule_set(split, rule_set, count, chunk=2048):
-    """Rejection sampling: the first `count` candidates of a rule set whose gzip ratio is in the
-    band -> rules (count, P) on the device. Cached: the training loop asks for the same set every
-    batch."""
-    cache_key = rule_set_key(split, rule_set, count)
-    if cache_key in _rule_sets:
-        return _rule_sets[cache_key]
+@functools.lru_cache(maxsize=4)  # the loop asks for the same set every batch: made once
+def rule_set(cfg, split, which, chunk=2048):
+    """Rejection sampling: the first num_rules (val: num_val_rules) candidates of rule set
+    `which` whose gzip ratio is in the band -> rules (count, P) on the device."""
+    count = cfg.num_rules if split == 'train' else cfg.num_val_rules
     t0 = time.time()
     kept, ratios = [], []
-    n_kept = tried = 0
-    while n_kept < count:
-        keys, rules = candidate_rules(split, rule_set, tried, chunk)
-        ratio = rule_complexity(rules, keys).to(rules.device)
-        kept.append(rules[(gzip_lower < ratio) & (ratio < gzip_upper)])
+    while sum(map(len, kept)) < count:
+        keys, rules = candidate_rules(cfg, split, which, chunk * len(kept), chunk)
+        ratio = rule_complexity(rules, keys, cfg).to(rules.device)
+        kept.append(rules[(cfg.gzip_lower < ratio) & (ratio < cfg.gzip_upper)])
         ratios.append(ratio.cpu())
-        n_kept += len(kept[-1])
-        tried += chunk
-        give_up_if_rare(n_kept, tried, count, chunk, ratios, time.time() - t0)
-    print(f"{split} rule set {rule_set}: {count} rules, {n_kept / tried:.0%} of {tried} "
-          f"candidates in ({gzip_lower}, {gzip_upper}), {time.time() - t0:.1f}s")
-    if len(_rule_sets) >= 4:  # keep the current training and validation sets, drop older ones
-        _rule_sets.pop(next(iter(_rule_sets)))
-    _rule_sets[cache_key] = torch.cat(kept)[:count]
-    return _rule_sets[cache_key]
+        give_up_if_rare(cfg, count, kept, ratios, time.time() - t0)  # appendix C
+    n_kept, tried = sum(map(len, kept)), chunk * len(kept)
+    print(f"{split} rule set {which}: {count} rules, {n_kept / tried:.0%} of {tried} "
+          f"candidates in ({cfg.gzip_lower}, {cfg.gzip_upper}), {time.time() - t0:.1f}s")
+    return torch.cat(kept)[:count]
 
 
-def give_up_if_rare(n_kept, tried, count, chunk, ratios, seconds):
-    """Stop a band that keeps nothing after 20 chunks, or whose pass rate (measured after 4) would
-    need more than MAX_CANDIDATES_PER_RULE candidates a rule: say the rate, the time it would take,
-    the ratios' spread. ratios: each chunk's, joined only to say why it stops."""
-    if n_kept >= count or tried < 4 * chunk:
-        return
-    if n_kept == 0:
-        if tried >= 20 * chunk:
-            no_rule_in_band(torch.cat(ratios))
-        return
-    rate = n_kept / tried
-    if rate >= 1 / MAX_CANDIDATES_PER_RULE:
-        return
-    minutes = (count - n_kept) / rate * seconds / tried / 60
-    stop_for_band(f"keeps {rate:.2%} of the candidates ({n_kept} of {tried}): {count} rules "
-                  f"would take about {count / rate:,.0f} candidates, {minutes:,.1f} more minutes",
-                  torch.cat(ratios))
-
-
-def no_rule_in_band(ratios):
-    stop_for_band("kept no rule", ratios)
-
-
-def stop_for_band(verdict, ratios):
-    """ratios: the gzip ratios of every candidate tried."""
-    quantiles = ' / '.join(f'{v:.3f}' for v in np.quantile(ratios.cpu().numpy(), [0.1, 0.5, 0.9]))
-    die(f"the band ({gzip_lower}, {gzip_upper}) {verdict}; the gzip ratios of the {len(ratios)} "
-        f"candidates tried have the quantiles 10/50/90% {quantiles}: choose --gzip_lower and "
-        f"--gzip_upper around them")
-
-
-# --- the training batches ----------------------------------------------------------
-def frame_len():
-    return (grid // patch) ** 2 + 2  # START + patches + END: 38 at the defaults
-
-
-def nca_sequences(rules, keys):
+# --- batch: one rule a sequence, the first frame context only --------------------------
+def nca_sequences(rules, keys, cfg):
     """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per
     sequence."""
-    n_frames = -(-(block_size + 1) // frame_len())  # 27 frames at the defaults
-    return tokenize(trajectories(rules, keys, n_frames), n_states, patch)[:, :block_size + 1]
-
-
-def sequence_ids(index, batch_size):
-    return torch.arange(index * batch_size, (index + 1) * batch_size, device=device)
+    n_frames = -(-(cfg.block_size + 1) // frame_len(cfg))  # 27 frames at the defaults
+    frames = trajectories(rules, keys, n_frames, cfg)
+    return tokenize(frames, cfg.n_states, cfg.patch)[:, :cfg.block_size + 1]
 
 
 @torch.no_grad()
-def nca_batch(split, index, batch_size):
+def nca_batch(cfg, split, index, batch_size):
     """Batch `index` of a split -> X, Y (B, block_size) long on the device, Y = -1 where there is
-    no loss. Sequence i is the i-th of the split: epoch i // R uses rule set epoch // rule_resample
-    in a fresh order, each rule once, with a fresh initial grid. Validation batches come from
-    held-out rules."""
-    count = num_rules if split == 'train' else num_val_rules
-    i = sequence_ids(index, batch_size)
-    epoch = i // count
-    rules = []
-    for e in epoch.unique().tolist():  # a batch spans at most two epochs, in order
-        which = 0  # the authors' code: one set for the whole run (rule_resample=0)
-        if rule_resample:
-            which = e // rule_resample
-        rule_set = get_rule_set(split, which, count)
-        order_key = make_key(seed, SPLITS[split], ORDER, torch.tensor([e], device=device))
-        order = uniform(order_key, count)[0].argsort()
-        rules.append(rule_set[order[i[epoch == e] % count]])
-    keys = make_key(seed, SPLITS[split], SEQUENCES, i)
-    seq = nca_sequences(torch.cat(rules), keys)                          # (B, block_size + 1)
-    start, _ = frame_markers(n_states, patch)
-    if nca_shuffle:  # the control: the same patch tokens in a random order; START/END stay in place
-        is_patch = seq[0] < start                          # the same places in every sequence
+    no loss. Sequence i of a split is always the same: its rule (held-out rules for 'val') and
+    its initial grid."""
+    i = sequence_ids(index, batch_size, cfg.device)           # (B,) the sequences of this batch
+    rules = rules_of_sequences(cfg, split, i)                  # (B, P): each rule once an epoch
+    keys = make_key(cfg.seed, SPLITS[split], SEQUENCES, i)    # (B,) each one's grid and noise
+    seq = nca_sequences(rules, keys, cfg)                      # (B, block_size + 1)
+    start, _ = frame_markers(cfg.n_states, cfg.patch)
+    if cfg.nca_shuffle:  # the control: the same patch tokens in a random order; START/END stay
+        is_patch = seq[0] < start                              # the same places in every sequence
         order = uniform(make_key(keys, SHUFFLE), int(is_patch.sum())).argsort(-1)
         seq[:, is_patch] = seq[:, is_patch].gather(1, order)
     x, y = seq[:, :-1], seq[:, 1:].clone()
-    y[:, :frame_len() - 1] = -1  # the first frame is context: the rule is inferred from it
-    if nca_loss == 'patches':    # START/END sit at fixed places: nothing to learn
-        y[y >= start] = -1       #   (the authors' code meant to mask them but did not: 'all')
+    y[:, :frame_len(cfg) - 1] = -1  # the first frame is context: the rule is inferred from it
+    if cfg.nca_loss == 'patches':   # START/END sit at fixed places: nothing to learn
+        y[y >= start] = -1          #   (the authors' code meant to mask them but did not: 'all')
     return x, y
 
 
+# --- the Dyck control: nested brackets, the other stage-1 data of the paper ---------------
+@dataclasses.dataclass(frozen=True)
+class DyckConfig:
+    dyck_k: int = 64             # bracket types: vocabulary 2 * dyck_k
+    dyck_depth: int = 16         # maximum nesting depth
+    dyck_p_open: float = 0.5     # probability of opening when both moves are allowed
+    seed: int = 1337
+    block_size: int = 1024
+    device: str = 'cpu'
+
+
 @torch.no_grad()
-def dyck_batch(split, index, batch_size):
+def dyck_batch(cfg, split, index, batch_size):
     """k-Dyck sequences (prefixes of balanced words, depth at most dyck_depth): token t < k opens
     bracket type t, k + t closes it; where both moves are allowed, a bracket opens with probability
     dyck_p_open. -> X, Y (B, block_size)."""
-    B, L = batch_size, block_size + 1
-    key = make_key(seed, SPLITS[split], DYCK, sequence_ids(index, batch_size))
+    B, L, k, depth_max, dev = batch_size, cfg.block_size + 1, cfg.dyck_k, cfg.dyck_depth, cfg.device
+    key = make_key(cfg.seed, SPLITS[split], DYCK, sequence_ids(index, batch_size, dev))
     u = uniform(key, 2 * L).view(B, L, 2)
-    stack = torch.zeros(B, dyck_depth, dtype=torch.long, device=device)  # open bracket types
-    depth = torch.zeros(B, dtype=torch.long, device=device)
-    seq = torch.empty(B, L, dtype=torch.long, device=device)
-    b = torch.arange(B, device=device)
+    stack = torch.zeros(B, depth_max, dtype=torch.long, device=dev)  # open bracket types
+    depth = torch.zeros(B, dtype=torch.long, device=dev)
+    seq = torch.empty(B, L, dtype=torch.long, device=dev)
+    b = torch.arange(B, device=dev)
     for t in range(L):  # a loop over positions, batched over sequences: ~1 ms a step
-        opens = ((u[:, t, 0] < dyck_p_open) | (depth == 0)) & (depth < dyck_depth)
-        kind = (u[:, t, 1] * dyck_k).long()
-        seq[:, t] = torch.where(opens, kind, dyck_k + stack[b, (depth - 1).clamp_min(0)])
-        top = depth.clamp_max(dyck_depth - 1)
+        opens = ((u[:, t, 0] < cfg.dyck_p_open) | (depth == 0)) & (depth < depth_max)
+        kind = (u[:, t, 1] * k).long()
+        seq[:, t] = torch.where(opens, kind, k + stack[b, (depth - 1).clamp_min(0)])
+        top = depth.clamp_max(depth_max - 1)
         stack[b, top] = torch.where(opens, kind, stack[b, top])
         depth += 2 * opens - 1
     return seq[:, :-1], seq[:, 1:]
 
 
-# --- language data: what prepare_data.py wrote ---------------------------------
-EOT = 50256  # GPT-2's <|endoftext|>; tiktoken's r50k_base has the same ids as gpt2
-vocab = None  # set by train(): what the token ids of this run mean (stage_vocab)
-_sft_cache = {}  # sft_examples': (path, vocabulary kind) -> examples
-
-
-@functools.lru_cache(maxsize=8)  # read once: lm_batch asks every batch
-def dataset_meta(folder, name):
-    path = os.path.join(folder, name, 'meta.json')
-    if not os.path.exists(path):
-        die(f"no dataset {name!r} in {folder}/: run `python prepare_data.py {name}` first")
-    return json.load(open(path))
-
-
-def data_file(split):
-    """The path of a split of --dataset, checked: sft reads prompt/answer pairs, lm token ids
-    (meta.json counts them)."""
-    if stage == 'sft':
-        path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
-        if not os.path.exists(path):
-            die(f"no {path}: --stage sft trains on the pairs of `prepare_data.py gsm8k` (or bbl): "
-                f"give --dataset=gsm8k")
-        return path
-    path = os.path.join(data_dir, dataset, f'{split}.bin')
-    n = dataset_meta(data_dir, dataset).get(f'{split}_tokens')
-    if n is None:
-        die(f"{dataset} is a benchmark, not a corpus: --stage lm trains on one that "
-            f"prepare_data.py tokenises")
-    if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
-        die(f"{path} is missing or not {n} uint16 tokens as meta.json says: "
-            f"run `python prepare_data.py {dataset}`")
-    if n <= block_size + 1:
-        die(f"{path} holds {n} tokens, too few for --block_size={block_size}")
-    return path
-
-
-def lm_batch(split, index, batch_size):
-    """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the
-    batch index."""
-    # opened each batch: a long-lived memmap leaks
-    data = np.memmap(data_file(split), dtype=np.uint16, mode='r')
-    key = make_key(seed, SPLITS[split], LM, torch.tensor([index]))
-    starts = randint(key, batch_size, len(data) - block_size - 1)[0]
-    windows = np.stack([data[s:s + block_size + 1] for s in starts.tolist()])
-    xy = torch.from_numpy(windows.astype(np.int64))
-    return xy[:, :-1].to(device), xy[:, 1:].to(device)
-
-
-def sft_examples(split):
-    """prompt/answer pairs -> list of (tokens, prompt length); the answer ends with end-of-text."""
-    path, kind = data_file(split), (vocab or stage_vocab())['kind']
-    if (path, kind) not in _sft_cache:
-        encode, _, eot = text_codec(kind)
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        prompts = [encode(r['prompt']) for r in rows]
-        examples = [(p + encode(r['answer']) + [eot], len(p)) for p, r in zip(prompts, rows)]
-        _sft_cache[path, kind] = examples
-    return _sft_cache[path, kind]
-
-
-def sft_batch(split, index, batch_size):
-    """Fine-tuning batches: X, Y (B, block_size), loss on the answer only. Each epoch visits every
-    example once, in an order hashed from (seed, epoch)."""
-    examples = sft_examples(split)
-    # padding: after the answer, never a target
-    x = torch.zeros((batch_size, block_size), dtype=torch.long)
-    y = torch.full((batch_size, block_size), -1, dtype=torch.long)
-    orders = {}  # epoch -> its order of the examples
-    for b, i in enumerate(sequence_ids(index, batch_size).tolist()):
-        epoch = i // len(examples)
-        if epoch not in orders:
-            key = make_key(seed, SPLITS[split], SFT, torch.tensor([epoch]))
-            orders[epoch] = uniform(key, len(examples))[0].argsort()
-        tokens, n_prompt = examples[orders[epoch][i % len(examples)]]
-        tokens = torch.tensor(tokens[:block_size + 1])
-        x[b, :len(tokens) - 1] = tokens[:-1]
-        y[b, n_prompt - 1:len(tokens) - 1] = tokens[n_prompt:]  # targets of answer tokens only
-    return x.to(device), y.to(device)
-
-
-def gpt2_encoding():
-    import tiktoken
-    # GPT-2's ranks; needs one file, cached (TIKTOKEN_CACHE_DIR)
-    return tiktoken.get_encoding('r50k_base')
-
-
-def text_codec(kind):
-    """A language vocabulary ('gpt2' or 'bytes') -> encode (str -> ids), decode (ids -> str),
-    end-of-text id."""
-    if kind == 'bytes':  # UTF-8 bytes; 256 ends a document
-        def decode(ids):
-            return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
-        return (lambda text: list(text.encode('utf-8'))), decode, 256
-    enc = gpt2_encoding()
-    return enc.encode_ordinary, enc.decode, EOT
-
-
-def get_batch(split, index):
-    batch = {'nca': nca_batch, 'dyck': dyck_batch, 'lm': lm_batch, 'sft': sft_batch}[stage]
-    return batch(split, index, batch_size)
-
-
-def stage_vocab():
-    """What the token ids of this stage mean; the embedding and head are sized (and padded) from
-    it."""
-    if stage == 'nca':
-        _, end = frame_markers(n_states, patch)
-        return dict(kind='nca', size=end + 1, n_states=n_states, patch=patch, grid=grid)
-    if stage == 'dyck':
-        return dict(kind='dyck', size=2 * dyck_k)
-    if stage == 'lm':  # what prepare_data.py wrote: GPT-2 tokens or bytes
-        meta = dataset_meta(data_dir, dataset)
-        return dict(kind=meta.get('tokenizer', 'gpt2'), size=meta.get('vocab_size', 50257))
-    # from scratch; from a checkpoint, fine-tuning keeps the checkpoint's vocabulary
-    if stage == 'sft':
-        return dict(kind='gpt2', size=50257)
-    die(f"no vocabulary for --stage={stage}: the stages are nca, dyck, lm and sft")
+def dyck_vocab(cfg):
+    return dict(kind='dyck', size=2 * cfg.dyck_k)
 
 
 # ==== 2. The GPT: Llama-style (pre-norm RMSNorm, rotary positions, SwiGLU, untied head) ====
@@ -811,6 +472,18 @@ class GPT(nn.Module):
         return 6 * N + 12 * self.n_layer * self.wte.embedding_dim * T
 
 
+def authors_torch_init(model, emb_init):
+    """The modules the authors' code leaves at torch's own initialisation: stage 2's new embedding
+    N(0, 1) and head U(+-1/sqrt(d)) (emb_init='torch'), and their stage-1 head with a bias (made
+    outside HF's init)."""
+    modules = []
+    if emb_init == 'torch':
+        modules += [model.wte, model.head]
+    elif model.head.bias is not None:
+        modules.append(model.head)
+    return modules
+
+
 # ==== 3. Transfer: keep the blocks, re-initialise the embedding and the head ====
 def parts(spec, model):
     """'attn:0-11,mlp,norm,emb,head' -> the modules it names (a layer range applies to attn, mlp,
@@ -838,10 +511,10 @@ def parts(spec, model):
     return found
 
 
-def transfer(model, source, same_vocab, keep=False):
+def transfer(model, source, same_vocab, keep=False, reinit='', freeze=''):
     """Load a checkpoint of another stage into a model of this stage's vocabulary. keep: the
     embedding and head too (the same vocabulary: lm -> sft, or the paper's "C4, no re-init"
-    control)."""
+    control); reinit, freeze: parts (as `parts` reads them) to re-initialise or keep fixed."""
     if keep and not same_vocab:
         die("keeping the embedding and head needs the same vocabulary in both stages: sft and "
             "--keep_embeddings start from an lm checkpoint")
@@ -869,7 +542,387 @@ def transfer(model, source, same_vocab, keep=False):
         module.requires_grad_(False)
 
 
-# ==== 4. Training: one loop for every stage ==================================
+# ==== Appendix A. The NCA data made fast: the rollout as a lookup table ===========
+# The 3x3 conv and the first 1x1 conv have nothing between them, so they are one linear map; and
+# its input is one-hot, so the map is a lookup table: (neighbour k, that neighbour's state) -> 16
+# (rule_hidden2) values, summed over the 9 neighbours. One index_select and one embedding_bag a
+# step advance all R rules at once (docs/speed.md: 2.2-2.7x the plain rollout on a CPU).
+# Contract: the same arguments and the same states as rollout_plain (tests/test_method.py holds
+# them equal on thousands of rules).
+
+@functools.lru_cache(maxsize=8)
+def torus_neighbours(size, device):
+    """(9, size*size): the flat index of each cell's 3x3 neighbourhood on the torus, in conv
+    kernel order."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing='ij')
+    nbrs = [((y + dy) % size) * size + (x + dx) % size for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    return torch.stack(nbrs).view(9, -1).to(device)
+
+
+@torch.no_grad()
+def rollout_table(kernels, grid0, n_steps, keys, temperature, identity_bias=0.0):
+    """rollout_plain's states, computed with the lookup table. The same arguments and result."""
+    conv1, conv2, conv3 = kernels
+    R, S, _ = grid0.shape
+    C, n, hidden, dev = S * S, conv3.size(1), conv2.size(1), grid0.device
+    table = torch.einsum('rcsij,roc->rijso', conv1, conv2)  # (R, 9 neighbours, n states, hidden)
+    table = table.reshape(R * 9 * n, hidden)
+    # cell c's 9 rows: r*9n + k*n + (the state of its neighbour k), read by one index_select
+    # of the (R, 9, C) grid of states + r*9n + k*n
+    rule_and_neighbour = torch.arange(R, device=dev).view(R, 1, 1) * 9
+    rule_and_neighbour = rule_and_neighbour + torch.arange(9, device=dev).view(1, 9, 1)
+    first_row = rule_and_neighbour.int() * n                                  # (R, 9, 1)
+    take = (torch.arange(R, device=dev) * 9 * C).view(R, 1, 1) + torch.arange(9, device=dev) * C
+    take = (take + torus_neighbours(S, dev).t()).flatten()                    # (R*C*9,)
+    bags = torch.arange(0, R * C * 9, 9, device=dev, dtype=torch.int32)       # 9 rows a cell
+    if temperature:
+        us = uniform(keys, n_steps * C).view(R, n_steps, C)
+    states = torch.empty(R, n_steps + 1, C, dtype=torch.int32, device=dev)
+    states[:, 0] = grid0.reshape(R, C)
+    for t in range(n_steps):
+        state = states[:, t]
+        rows = (state.view(R, 1, C) + first_row).view(-1).index_select(0, take)
+        h = F.embedding_bag(rows, table, bags, mode='sum')
+        h = rule_nonlinearity(h).view(R, C, hidden)
+        # (R, n, C): the states on the middle axis, so that ops over them run along rows of cells
+        # (3-6x faster)
+        logits = torch.bmm(conv3, h.transpose(1, 2))
+        u = us[:, t] if temperature else None
+        states[:, t + 1] = draw_next(logits, state, u, temperature, identity_bias)
+    return states.long().view(R, n_steps + 1, S, S)
+
+
+rollout = rollout_table  # the swap (see rollout_plain): training runs the lookup table
+
+
+# ==== Appendix B. The NCA data made reproducible: random numbers by hashing ========
+# Every random number of the data is a pure function of (seed, what it is for, which rule or
+# sequence), by a counter-based hash, not a stateful generator: sequence i is the same whatever
+# the batch size, the number of GPUs, the device, or where a run resumed. make_key names a
+# stream; uniform and randint draw from it. Contract: no two purposes share a stream
+# (tests/test_nca.py), and the data of a seed are the same on every machine.
+MASK32 = 0xFFFFFFFF
+RULES, SEQUENCES, ORDER, DYCK, GRID, LM, SFT, NOISE, SHUFFLE, REPEAT = range(1, 11)  # the purposes
+SPLITS = {'train': 0, 'val': 1}
+
+
+def mix32(x):
+    """A bijective 32-bit integer hash (multipliers under 2**31, so int64 products never
+    overflow). After the first operation a tensor is hashed in place: big int64 temporaries would
+    cost more than the arithmetic."""
+    x = x ^ (x >> 16)
+    for _ in range(2):
+        x *= 0x45d9f3b
+        x &= MASK32
+        x ^= x >> 16
+    return x
+
+
+def make_key(*ids):
+    """Hash a tuple of ids (ints, or one int64 tensor of them) into one 32-bit key per element."""
+    h = 0
+    for i in ids:
+        h = mix32(h ^ (i & MASK32))
+    return h
+
+
+def hash_bits(keys, n):
+    """keys (N,) int64 -> (N, n) int64 of 32 random bits: counter k of key j."""
+    return mix32(keys[:, None] ^ mix32(torch.arange(n, device=keys.device) + 0x9E3779B))
+
+
+def uniform(keys, n):
+    """keys (N,) -> (N, n) float32 uniforms strictly inside (0, 1)."""
+    # 23 bits: exact in float32, never 0 or 1
+    return ((hash_bits(keys, n) >> 9).float() + 0.5) / 2 ** 23
+
+
+def randint(keys, n, high):
+    """keys (N,) -> (N, n) int64 in [0, high), from 62 random bits (uniform enough for any
+    corpus)."""
+    bits = hash_bits(keys, 2 * n).view(-1, n, 2)
+    return ((bits[..., 0] << 30) ^ bits[..., 1]) % high
+
+
+def categorical(probs, u, dim=-1):
+    """Inverse-CDF sampling along dim: probs (..., n, ...), not necessarily normalised, and u
+    uniforms of the other dims -> indices: the first whose cumulative weight reaches u * total,
+    i.e. how many fall short of it. u is scaled by the total, so that rounding in the cumulative
+    sum never picks an index of probability 0."""
+    cdf = probs.cumsum(dim)
+    return (cdf < u.unsqueeze(dim) * cdf.narrow(dim, -1, 1)).sum(dim)
+
+
+def sequence_ids(index, batch_size, device):
+    """Batch `index` holds sequences index * batch_size .. of its split: (B,)."""
+    return torch.arange(index * batch_size, (index + 1) * batch_size, device=device)
+
+
+def rules_of_sequences(cfg, split, i):
+    """Sequence ids i (B,) -> their rules (B, P). Epoch e = i // count (count: the split's rules)
+    takes rule set e // rule_resample (0: one set for the whole run, the authors' code) in an
+    order hashed from (seed, split, e): each rule once an epoch, with a fresh grid each time."""
+    count = cfg.num_rules if split == 'train' else cfg.num_val_rules
+    epoch = i // count
+    rules = []
+    for e in epoch.unique().tolist():  # a batch spans at most two epochs, in order
+        which = 0
+        if cfg.rule_resample:
+            which = e // cfg.rule_resample
+        rules_e = rule_set(cfg, split, which)
+        order_key = make_key(cfg.seed, SPLITS[split], ORDER, torch.tensor([e], device=cfg.device))
+        order = uniform(order_key, count)[0].argsort()
+        rules.append(rules_e[order[i[epoch == e] % count]])
+    return torch.cat(rules)
+
+
+# ==== Appendix C. A band too narrow to fill stops early, saying why ================
+MAX_CANDIDATES_PER_RULE = 100  # a band keeping under 1% of the candidates stops early, saying so
+
+
+def give_up_if_rare(cfg, count, kept, ratios, seconds):
+    """rule_set's check after each chunk of candidates (kept: the in-band rules of each chunk,
+    ratios: every candidate's gzip ratio). Stop a band that keeps nothing after 20 chunks, or whose
+    pass rate (measured after 4) would need more than MAX_CANDIDATES_PER_RULE candidates a rule:
+    say the rate, the time it would take, the ratios' spread."""
+    n_kept, tried = sum(map(len, kept)), sum(map(len, ratios))
+    if n_kept >= count or len(ratios) < 4:
+        return
+    if n_kept == 0:
+        if len(ratios) >= 20:
+            no_rule_in_band(cfg, torch.cat(ratios))
+        return
+    rate = n_kept / tried
+    if rate >= 1 / MAX_CANDIDATES_PER_RULE:
+        return
+    minutes = (count - n_kept) / rate * seconds / tried / 60
+    stop_for_band(cfg, f"keeps {rate:.2%} of the candidates ({n_kept} of {tried}): {count} rules "
+                  f"would take about {count / rate:,.0f} candidates, {minutes:,.1f} more minutes",
+                  torch.cat(ratios))
+
+
+def no_rule_in_band(cfg, ratios):
+    stop_for_band(cfg, "kept no rule", ratios)
+
+
+def stop_for_band(cfg, verdict, ratios):
+    """ratios: the gzip ratios of every candidate tried."""
+    quantiles = ' / '.join(f'{v:.3f}' for v in np.quantile(ratios.cpu().numpy(), [0.1, 0.5, 0.9]))
+    die(f"the band ({cfg.gzip_lower}, {cfg.gzip_upper}) {verdict}; the gzip ratios of the "
+        f"{len(ratios)} candidates tried have the quantiles 10/50/90% {quantiles}: choose "
+        f"--gzip_lower and --gzip_upper around them")
+
+
+# ==== 4. The script: train any stage ==========================================
+# config: module-level values, each overridable as --key=value or --key value; the stage-1
+# sources' settings (NCAConfig's, DyckConfig's fields) join them below. Resolved once (configure,
+# in the appendix): defaults < preset < recipe < command line.
+stage = 'nca'           # a stage-1 source of SOURCES (nca | dyck) | lm | sft
+preset = ''             # tiny | small | paper ('' = small on a GPU, tiny otherwise):
+                        #   PRESETS, in the appendix
+out_dir = ''            # where checkpoints and log.jsonl go ('' = out-{stage})
+init_from = 'scratch'   # scratch | resume (out_dir/ckpt.pt) | a checkpoint or HF Llama folder
+                        #   to transfer from
+seed = 1337             # one seed gives the same rules, sequences and losses
+# data: lm and sft read what prepare_data.py wrote
+dataset = 'openwebtext' # folder under data_dir
+data_dir = 'data'
+band = ''               # 'auto': the NCA's gzip band from the gzip ratio of --dataset
+                        #   (docs/comparisons.md)
+# model (Llama-style: RMSNorm, RoPE, SwiGLU, untied head)
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024       # context length; NCA and Dyck sequences are this long
+dropout = 0.0           # attention dropout (the paper: 0.1)
+# the recipe: project | authors (RECIPES, in the appendix, sets the items below as the authors'
+# code has them)
+recipe = 'project'
+emb_init = 'normal'     # fresh embedding and head: normal N(0, 0.02) | torch: torch's defaults
+                        #   (the authors' stage 2)
+head_bias = False       # the head has a bias, at torch's init U(+-1/sqrt(n_embd))
+                        #   (the authors' stage 1)
+scale_residual = True   # residual projections at N(0, 0.02 / sqrt(2 n_layer)) (GPT-2); False: 0.02
+pad_vocab = 64          # embedding and head rows: the vocabulary rounded up to a multiple
+                        #   (the authors: 64000, 1)
+# transfer (init_from a checkpoint): blocks and final norm are kept, embedding and head
+# re-initialised
+reinit = ''             # also re-initialise parts: e.g. 'attn', 'mlp:0-11', 'attn:12-23,norm'
+freeze = ''             # parts to keep fixed, same syntax; 'emb' and 'head' too
+keep_embeddings = False # keep embedding and head when the vocabulary is the same
+                        #   (the C4 "no re-init" control)
+# optimisation (AdamW; the NCA stage's Adam is AdamW with weight_decay 0)
+batch_size = 16         # sequences per micro-step per process
+gradient_accumulation_steps = 2  # micro-steps per update, over all processes
+                                 #   (32 sequences per update)
+max_iters = 5000        # updates
+max_tokens = 0          # if > 0, train on this many tokens instead (the C4 baseline's budget)
+epochs = 0.0            # if > 0, train this many passes over the data instead
+                        #   (sft: 10 for GSM8K)
+learning_rate = 1e-4    # peak
+min_lr = 0.0            # floor of the cosine
+warmup_iters = 5000     # linear warm-up
+lr_decay_iters = 50000  # cosine to min_lr by here (0: max_iters)
+stop_at_peak = False    # the paper's stage 1: warm up over the whole run and stop at the peak lr
+                        #   (no decay)
+weight_decay = 0.0
+decay_all = False       # weight decay on every parameter, norms too (the authors' AdamW);
+                        #   False: matrices only
+beta1 = 0.9
+beta2 = 0.999           # torch's Adam default, as the paper's code
+                        #   (nanoGPT: 0.95, which the small presets use)
+grad_clip = 1.0         # 0 disables
+clip_sum = False        # clip the SUM of the micro-steps' gradients, not their mean
+                        #   (the authors' stage 2)
+warmup_zero = False     # the warm-up starts at lr 0 (the authors' LambdaLR);
+                        #   False: at lr / (warmup_iters + 1)
+# I/O
+eval_interval = 250     # evaluate and checkpoint every this many steps
+eval_iters = 20         # batches per evaluation
+log_interval = 10       # print a line every this many steps
+# system
+device = ''             # '' picks cuda, then mps, then cpu
+dtype = ''              # float32 | bfloat16 | float16; '' = bfloat16 on CUDA, float32 elsewhere
+compile = False         # torch.compile the model (the small and paper presets turn it on for a GPU)
+
+
+
+# The stage-1 sources: each is its config (a dataclass whose fields are options too), its batch
+# function (cfg, split, index, batch_size) -> X, Y, and its vocabulary (cfg) -> dict(kind, size).
+# A new source is its function and one entry here (docs/training.md shows one); the checks, the
+# presets' 'stage1' values and the transfer read this table.
+SOURCES = {'nca': dict(config=NCAConfig, batch=nca_batch, vocab=nca_vocab),
+           'dyck': dict(config=DyckConfig, batch=dyck_batch, vocab=dyck_vocab)}
+for _source in SOURCES.values():  # --n_states=3 sets this run's NCAConfig.n_states
+    for _field in dataclasses.fields(_source['config']):
+        globals().setdefault(_field.name, _field.default)
+config_keys = [k for k, v in globals().items()  # lower case: the constants above are not options
+               if k.islower() and not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+
+
+def data_config(name):
+    """A stage-1 source's config, from this run's values."""
+    config = SOURCES[name]['config']
+    return config(**{f.name: globals()[f.name] for f in dataclasses.fields(config)})
+
+
+# --- the batches of a stage: a source's, or language from what prepare_data.py wrote --
+EOT = 50256  # GPT-2's <|endoftext|>; tiktoken's r50k_base has the same ids as gpt2
+vocab = None  # set by train(): what the token ids of this run mean (stage_vocab)
+_sft_cache = {}  # sft_examples': (path, vocabulary kind) -> examples
+
+
+@functools.lru_cache(maxsize=8)  # read once: lm_batch asks every batch
+def dataset_meta(folder, name):
+    path = os.path.join(folder, name, 'meta.json')
+    if not os.path.exists(path):
+        die(f"no dataset {name!r} in {folder}/: run `python prepare_data.py {name}` first")
+    return json.load(open(path))
+
+
+def data_file(split):
+    """The path of a split of --dataset, checked: sft reads prompt/answer pairs, lm token ids
+    (meta.json counts them)."""
+    if stage == 'sft':
+        path = os.path.join(data_dir, dataset, f'sft_{split}.jsonl')
+        if not os.path.exists(path):
+            die(f"no {path}: --stage sft trains on the pairs of `prepare_data.py gsm8k` (or bbl): "
+                f"give --dataset=gsm8k")
+        return path
+    path = os.path.join(data_dir, dataset, f'{split}.bin')
+    n = dataset_meta(data_dir, dataset).get(f'{split}_tokens')
+    if n is None:
+        die(f"{dataset} is a benchmark, not a corpus: --stage lm trains on one that "
+            f"prepare_data.py tokenises")
+    if not os.path.exists(path) or os.path.getsize(path) != 2 * n:
+        die(f"{path} is missing or not {n} uint16 tokens as meta.json says: "
+            f"run `python prepare_data.py {dataset}`")
+    if n <= block_size + 1:
+        die(f"{path} holds {n} tokens, too few for --block_size={block_size}")
+    return path
+
+
+def lm_batch(split, index, batch_size):
+    """Random windows of the token file: X, Y (B, block_size). Window starts are hashes of the
+    batch index."""
+    # opened each batch: a long-lived memmap leaks
+    data = np.memmap(data_file(split), dtype=np.uint16, mode='r')
+    key = make_key(seed, SPLITS[split], LM, torch.tensor([index]))
+    starts = randint(key, batch_size, len(data) - block_size - 1)[0]
+    windows = np.stack([data[s:s + block_size + 1] for s in starts.tolist()])
+    xy = torch.from_numpy(windows.astype(np.int64))
+    return xy[:, :-1].to(device), xy[:, 1:].to(device)
+
+
+def sft_examples(split):
+    """prompt/answer pairs -> list of (tokens, prompt length); the answer ends with end-of-text."""
+    path, kind = data_file(split), (vocab or stage_vocab())['kind']
+    if (path, kind) not in _sft_cache:
+        encode, _, eot = text_codec(kind)
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        prompts = [encode(r['prompt']) for r in rows]
+        examples = [(p + encode(r['answer']) + [eot], len(p)) for p, r in zip(prompts, rows)]
+        _sft_cache[path, kind] = examples
+    return _sft_cache[path, kind]
+
+
+def sft_batch(split, index, batch_size):
+    """Fine-tuning batches: X, Y (B, block_size), loss on the answer only. Each epoch visits every
+    example once, in an order hashed from (seed, epoch)."""
+    examples = sft_examples(split)
+    # padding: after the answer, never a target
+    x = torch.zeros((batch_size, block_size), dtype=torch.long)
+    y = torch.full((batch_size, block_size), -1, dtype=torch.long)
+    orders = {}  # epoch -> its order of the examples
+    for b, i in enumerate(sequence_ids(index, batch_size, device).tolist()):
+        epoch = i // len(examples)
+        if epoch not in orders:
+            key = make_key(seed, SPLITS[split], SFT, torch.tensor([epoch]))
+            orders[epoch] = uniform(key, len(examples))[0].argsort()
+        tokens, n_prompt = examples[orders[epoch][i % len(examples)]]
+        tokens = torch.tensor(tokens[:block_size + 1])
+        x[b, :len(tokens) - 1] = tokens[:-1]
+        y[b, n_prompt - 1:len(tokens) - 1] = tokens[n_prompt:]  # targets of answer tokens only
+    return x.to(device), y.to(device)
+
+
+def gpt2_encoding():
+    import tiktoken
+    # GPT-2's ranks; needs one file, cached (TIKTOKEN_CACHE_DIR)
+    return tiktoken.get_encoding('r50k_base')
+
+
+def text_codec(kind):
+    """A language vocabulary ('gpt2' or 'bytes') -> encode (str -> ids), decode (ids -> str),
+    end-of-text id."""
+    if kind == 'bytes':  # UTF-8 bytes; 256 ends a document
+        def decode(ids):
+            return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
+        return (lambda text: list(text.encode('utf-8'))), decode, 256
+    enc = gpt2_encoding()
+    return enc.encode_ordinary, enc.decode, EOT
+
+
+def get_batch(split, index):
+    if stage in SOURCES:
+        return SOURCES[stage]['batch'](data_config(stage), split, index, batch_size)
+    return {'lm': lm_batch, 'sft': sft_batch}[stage](split, index, batch_size)
+
+
+def stage_vocab():
+    """What the token ids of this stage mean; the embedding and head are sized (and padded) from
+    it."""
+    if stage in SOURCES:
+        return SOURCES[stage]['vocab'](data_config(stage))
+    if stage == 'lm':  # what prepare_data.py wrote: GPT-2 tokens or bytes
+        meta = dataset_meta(data_dir, dataset)
+        return dict(kind=meta.get('tokenizer', 'gpt2'), size=meta.get('vocab_size', 50257))
+    # from scratch; from a checkpoint, fine-tuning keeps the checkpoint's vocabulary
+    if stage == 'sft':
+        return dict(kind='gpt2', size=50257)
+    die(f"no vocabulary for --stage={stage}: the stages are {', '.join(CHOICES['stage'])}")
+
+
 # --- where the authors' recipe changes the method ------------------------------
 # --recipe=authors (RECIPES, in the appendix) trains as the authors' code does. Most of its items
 # are plain values (no clipping in stage 1, AdamW's decay, beta2, dropout, the vocabulary's
@@ -883,18 +936,6 @@ def transfer(model, source, same_vocab, keep=False):
 #   clip_sum                     -> micro_step_loss: the micro-steps' losses summed, not averaged
 # and in the data, nca_loss='all' (START/END predicted) and rule_resample=0 (one rule set) in
 # nca_batch.
-
-def authors_torch_init(model, emb_init):
-    """The modules the authors' code leaves at torch's own initialisation: stage 2's new embedding
-    N(0, 1) and head U(+-1/sqrt(d)) (emb_init='torch'), and their stage-1 head with a bias (made
-    outside HF's init)."""
-    modules = []
-    if emb_init == 'torch':
-        modules += [model.wte, model.head]
-    elif model.head.bias is not None:
-        modules.append(model.head)
-    return modules
-
 
 def get_lr(it):
     """Linear warm-up, then cosine down to min_lr by lr_decay_iters."""
@@ -941,7 +982,7 @@ def token_losses(logits, y):
 def repeated_tokens(index, batch_size, length):
     """The induction test: random tokens (no end-of-text) repeated once
     -> X, Y (B, 2 * length - 1)."""
-    key = make_key(seed, SPLITS['val'], REPEAT, sequence_ids(index, batch_size))
+    key = make_key(seed, SPLITS['val'], REPEAT, sequence_ids(index, batch_size, device))
     r = randint(key, length, vocab['size'] - 1)
     seq = torch.cat([r, r], dim=1)
     return seq[:, :-1], seq[:, 1:]
@@ -968,8 +1009,9 @@ def evaluate(model, ctx):
     losses = []
     frame_sum = frame_count = by_position = repeat = 0
     correct = copied = total = 0
-    start, _ = frame_markers(n_states, patch)
-    L = frame_len()
+    nca = data_config('nca')
+    start, _ = frame_markers(nca.n_states, nca.patch)
+    L = frame_len(nca)
     for k in range(eval_iters):
         x, y = get_batch('val', k)
         with ctx:
@@ -1071,7 +1113,8 @@ def train():
         model.load_state_dict(checkpoint['model'])
     elif source:
         keep = keep_embeddings or stage == 'sft'  # fine-tuning continues the whole model
-        transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep)
+        transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep, reinit=reinit,
+                 freeze=freeze)
         if master:
             print_transfer(source, keep)
     progress.update(step=iter_num, saved=iter_num if checkpoint else None)
@@ -1189,7 +1232,8 @@ def check_finite(value, it, what, ckpt_path):
 
 
 # ==== Appendix: presets and recipes ===========================================
-# Presets set many values at once, for every stage ('all') and for one.
+# Presets set many values at once: for every stage ('all'), for every stage-1 source ('stage1'),
+# and for one stage.
 # OpenWebText (the authors' code: lr 2e-4, 24k steps)
 PAPER_LM = dict(batch_size=16, gradient_accumulation_steps=32, learning_rate=5e-4,
                 weight_decay=1e-4, min_lr=0.0, max_iters=17200, warmup_iters=1720,
@@ -1212,10 +1256,8 @@ PRESETS = {
     # paper's 164M NCA tokens
     'small': {
         'all': dict(n_layer=12, n_head=12, n_embd=768, beta2=0.95, compile=True, eval_interval=500),
-        'nca': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4,
-                    stop_at_peak=True),
-        'dyck': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4,
-                     stop_at_peak=True),
+        'stage1': dict(batch_size=32, gradient_accumulation_steps=1, learning_rate=3e-4,
+                       stop_at_peak=True),
         'lm': dict(batch_size=32, gradient_accumulation_steps=4, learning_rate=6e-4,
                    weight_decay=1e-4, max_iters=5000, warmup_iters=500, lr_decay_iters=5000,
                    min_lr=6e-5),
@@ -1225,8 +1267,7 @@ PRESETS = {
     'paper': {
         'all': dict(n_layer=24, n_head=32, n_embd=2048, recipe='authors', compile=True,
                     eval_interval=500),
-        'nca': dict(stop_at_peak=True),
-        'dyck': dict(stop_at_peak=True),
+        'stage1': dict(stop_at_peak=True),
         'lm': PAPER_LM,
         'sft': FINETUNE},
 }
@@ -1244,10 +1285,10 @@ AUTHORS_ALL = dict(beta2=0.999, dropout=0.1, scale_residual=False, decay_all=Tru
                    warmup_zero=True, min_lr=0.0)
 RECIPES = {
     'project': {},
-    'authors': {'all': AUTHORS_ALL, 'nca': AUTHORS_STAGE1, 'dyck': AUTHORS_STAGE1,
+    'authors': {'all': AUTHORS_ALL, 'stage1': AUTHORS_STAGE1,
                 'lm': AUTHORS_STAGE2, 'sft': AUTHORS_STAGE2},
 }
-CHOICES = {'stage': ['nca', 'dyck', 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
+CHOICES = {'stage': [*SOURCES, 'lm', 'sft'], 'preset': ['', 'tiny', 'small', 'paper'],
            'recipe': list(RECIPES), 'dtype': ['', 'float32', 'bfloat16', 'float16'],
            'nca_loss': ['patches', 'all'], 'band': ['', 'auto'], 'emb_init': ['normal', 'torch']}
 
@@ -1272,10 +1313,9 @@ def configure(argv):
         die(f"--{lengths[0]} and --{lengths[1]} both set the run's length: give one")
     this_stage = overrides.get('stage', stage)
     name = overrides.get('preset', preset) or ('small' if devices()[0] == 'cuda' else 'tiny')
-    values = {**PRESETS[name].get('all', {}), **PRESETS[name].get(this_stage, {})}
+    values = layers(PRESETS[name], this_stage)
     values['recipe'] = overrides.get('recipe', values.get('recipe', recipe))
-    recipe_values = RECIPES[values['recipe']]
-    values.update(recipe_values.get('all', {}), **recipe_values.get(this_stage, {}))
+    values.update(layers(RECIPES[values['recipe']], this_stage))
     if not (overrides.get('device') or devices()[0]).startswith('cuda'):
         values['compile'] = False  # compiling pays on a GPU only (--compile=true still asks for it)
         values.pop('dtype', None)  # and a recipe's fp16 is a GPU's: a CPU trains in float32
@@ -1291,6 +1331,18 @@ def configure(argv):
     if not out_dir:
         globals()['out_dir'] = f'out-{stage}'
     return notes
+
+
+def layers(table, this_stage):
+    """A preset's or recipe's values for a stage: its 'all', then 'stage1' for a stage-1
+    source, then the stage's own."""
+    names = ['all', this_stage]
+    if this_stage in SOURCES:
+        names.insert(1, 'stage1')
+    values = {}
+    for name in names:
+        values.update(table.get(name, {}))
+    return values
 
 
 def preset_notes(name, values, overrides):
@@ -1361,7 +1413,8 @@ def check_config():
     heads = ', '.join(str(h) for h in range(1, n_embd // 2 + 1) if n_embd % (2 * h) == 0)
     n_patch_tokens = n_states ** (patch * patch)
     odd_heads = n_embd % n_head or n_embd // n_head % 2
-    two_frames = 2 * frame_len() - 1
+    frame = frame_len(data_config('nca'))
+    two_frames = 2 * frame - 1
     for bad, message in [
             (n_states < 2, f"--n_states={n_states}: a cell needs at least 2 states to change"),
             (grid % patch,
@@ -1375,7 +1428,7 @@ def check_config():
              f"--n_embd={n_embd} is not --n_head={n_head} heads of an even width (rotary "
              f"positions turn pairs): --n_head can be {heads}"),
             (stage == 'nca' and block_size < two_frames,
-             f"--block_size={block_size} is shorter than two frames of {frame_len()} tokens "
+             f"--block_size={block_size} is shorter than two frames of {frame} tokens "
              f"(the first is context only): give at least {two_frames}"),
             (gzip_lower >= gzip_upper,
              f"the band --gzip_lower={gzip_lower} --gzip_upper={gzip_upper} is empty: "
@@ -1605,7 +1658,7 @@ def write_run_file(model_args):
 def check_source_vocab(source, stage, keep_embeddings):
     """train(): a source whose tokenizer is neither GPT-2's nor bytes (an HF folder's) gives its
     blocks only: sft and --keep_embeddings need ids that text_codec can encode."""
-    if source['vocab']['kind'] in ('nca', 'dyck', 'gpt2', 'bytes'):
+    if source['vocab']['kind'] in (*SOURCES, 'gpt2', 'bytes'):
         return
     for who, wants in (('sft', stage == 'sft'), ('--keep_embeddings', keep_embeddings)):
         if wants:
