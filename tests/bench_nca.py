@@ -47,25 +47,26 @@ def main():
     print(f"{'device':<6} {'what':<34} {'rate':>16}")
     for dev in devices:
         nca_gpt.device = dev
+        cfg, dyck = nca_gpt.data_config('nca'), nca_gpt.data_config('dyck')
         for B in batch_sizes:
-            sec = timed(lambda i=0: nca_gpt.nca_batch('train', i, B), repeats if dev == 'cpu' else 4 * repeats)
+            sec = timed(lambda i=0: nca_gpt.nca_batch(cfg, 'train', i, B), repeats if dev == 'cpu' else 4 * repeats)
             print(f"{dev:<6} {f'nca_batch, {B} x 1024 tokens':<34} {B * nca_gpt.block_size / sec:>10,.0f} tok/s")
             if dev == 'cuda':
                 print(f"{dev:<6} {'  -> 164M tokens in':<34} {164e6 / (B * nca_gpt.block_size / sec):>14.1f} s")
 
         def filter_once(i=0):
-            keys, rules = nca_gpt.candidate_rules('train', 1 + i, 0, n_filter)
-            nca_gpt.rule_complexity(rules, keys)
+            keys, rules = nca_gpt.candidate_rules(cfg, 'train', 1 + i, 0, n_filter)
+            nca_gpt.rule_complexity(rules, keys, cfg)
         sec = timed(filter_once, repeats)
         print(f"{dev:<6} {f'filter, {n_filter} candidates':<34} {n_filter / sec:>9,.0f} rules/s")
         if hasattr(nca_gpt, 'rollout_plain'):  # the rule network as written (convs), in place of the lookup table
             fast = nca_gpt.rollout
             nca_gpt.rollout = nca_gpt.rollout_plain
             for B in batch_sizes:
-                sec = timed(lambda i=0: nca_gpt.nca_batch('train', i, B), repeats)
+                sec = timed(lambda i=0: nca_gpt.nca_batch(cfg, 'train', i, B), repeats)
                 print(f"{dev:<6} {f'  the same, rollout_plain, {B} x 1024':<34} {B * nca_gpt.block_size / sec:>10,.0f} tok/s")
             nca_gpt.rollout = fast
-        sec = timed(lambda i=0: nca_gpt.dyck_batch('train', i, 32), repeats)
+        sec = timed(lambda i=0: nca_gpt.dyck_batch(dyck, 'train', i, 32), repeats)
         print(f"{dev:<6} {'dyck_batch, 32 x 1024 tokens':<34} {32 * nca_gpt.block_size / sec:>10,.0f} tok/s")
 
 

@@ -88,18 +88,19 @@ m.device = 'cpu'
 paper = dict(grid=12, n_states=10, patch=2, temperature=1e-4, burn_in=10, gzip_frames=10, block_size=1024, identity_bias=0.0)
 if any(getattr(m, k) != v for k, v in paper.items()):
     sys.exit(f"nca_gpt.py's NCA defaults are not the paper's {paper}")
+cfg = m.data_config('nca')
 print(json.dumps(dict(version=f'torch {torch.__version__}, {torch.get_num_threads()} threads')), flush=True)
 for line in sys.stdin:
     what, n, seed = line.split()
     n, seed, got, ratios = int(n), int(seed), 0, []
     t0 = time.perf_counter()
     for first in range(0, n, 2048 if what == 'filter' else 32):
-        keys, rules = m.candidate_rules('train', seed, first, min(n - first, 2048 if what == 'filter' else 32))
+        keys, rules = m.candidate_rules(cfg, 'train', seed, first, min(n - first, 2048 if what == 'filter' else 32))
         if what == 'filter':
-            ratios.append(m.rule_complexity(rules, keys))
+            ratios.append(m.rule_complexity(rules, keys, cfg))
             got += len(rules)
         else:
-            seq = m.nca_sequences(rules, m.make_key(keys, m.SEQUENCES))
+            seq = m.nca_sequences(rules, m.make_key(keys, m.SEQUENCES), cfg)
             got += seq.shape[0] * min(seq.shape[1], 1024)
     s = time.perf_counter() - t0
     print(json.dumps(dict(s=s, got=got, ratios=torch.cat(ratios).tolist() if ratios else None)), flush=True)

@@ -14,7 +14,7 @@ def nca(monkeypatch):
     for k in nca_gpt.config_keys:
         monkeypatch.setattr(nca_gpt, k, getattr(nca_gpt, k))
     monkeypatch.setattr(nca_gpt, 'device', 'cpu')
-    nca_gpt._rule_sets.clear()
+    nca_gpt.rule_set.cache_clear()
     return nca_gpt
 
 

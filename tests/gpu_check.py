@@ -115,15 +115,16 @@ def nca_data():
     time, which the main job pays each epoch, is that of a warm device), then batches."""
     configure(MAIN)
     t0 = time.time()
-    nca_gpt.get_rule_set('val', 0, nca_gpt.num_val_rules)
+    cfg = nca_gpt.data_config('nca')
+    nca_gpt.rule_set(cfg, 'val', 0)
     build_val = time.time() - t0
-    nca_gpt.get_rule_set('train', 0, nca_gpt.num_rules)
+    nca_gpt.rule_set(cfg, 'train', 0)
     build_train = time.time() - t0 - build_val
-    nca_gpt.nca_batch('train', 0, nca_gpt.batch_size)  # warm-up
+    nca_gpt.nca_batch(cfg, 'train', 0, nca_gpt.batch_size)  # warm-up
     sync()
     t0, n = time.time(), 3 if DRY else 20
     for i in range(n):
-        nca_gpt.nca_batch('train', 1 + i, nca_gpt.batch_size)
+        nca_gpt.nca_batch(cfg, 'train', 1 + i, nca_gpt.batch_size)
     sync()
     return dict(rule_set_seconds=build_train, val_rule_set_seconds=build_val, batch_size=nca_gpt.batch_size,
                 block_size=nca_gpt.block_size, tokens_per_s=n * nca_gpt.batch_size * nca_gpt.block_size / (time.time() - t0))

@@ -45,9 +45,9 @@ def message(excinfo):
 # ---- 1. the rule network written plainly is the fast rollout -------------------------------------------------
 def rules_and_grids(nca, R, n, first=0):
     nca.n_states = n
-    keys, rules = nca.candidate_rules('train', 0, first, R)
+    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, first, R)
     grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), n, nca.grid)
-    return nca.unpack_rules(rules, n), grid0, nca.make_key(keys, nca.NOISE)
+    return nca.unpack_rules(rules, nca.data_config('nca')), grid0, nca.make_key(keys, nca.NOISE)
 
 
 def conv_logits(kernels, r, state, identity_bias):
@@ -83,7 +83,8 @@ def disagreements_at_near_ties(kernels, fast, plain, identity_bias, tol=1e-5):
 def test_plain_rule_network_equals_fast_rollout(nca, R, n, temperature, identity_bias):
     kernels, grid0, noise = rules_and_grids(nca, R, n)
     plain = nca.rollout_plain(kernels, grid0, 20, noise, temperature, identity_bias)
-    fast = nca.rollout(kernels, grid0, 20, noise, temperature, identity_bias)
+    fast = nca.rollout_table(kernels, grid0, 20, noise, temperature, identity_bias)
+    assert nca.rollout is nca.rollout_table  # the one training runs
     assert plain.shape == fast.shape == (R, 21, nca.grid, nca.grid)
     assert torch.equal(plain[:, 0], grid0)
     assert not torch.equal(plain[:, 1:], plain[:, :1].expand_as(plain[:, 1:]))  # the grids do move
@@ -163,17 +164,17 @@ def count_calls(nca, monkeypatch, most):
     calls = []
     real = nca.candidate_rules
 
-    def counted(split, rule_set, first, count):
+    def counted(cfg, split, rule_set, first, count):
         calls.append(first)
         if len(calls) > most:
             raise AssertionError(f"still drawing candidates after {len(calls) - 1} chunks: no early stop")
-        return real(split, rule_set, first, count)
+        return real(cfg, split, rule_set, first, count)
     monkeypatch.setattr(nca, 'candidate_rules', counted)
     return calls
 
 
 def test_rare_band_stops_early_with_rate_time_and_quantiles(nca, monkeypatch):
-    ratios = nca.rule_complexity(*reversed(nca.candidate_rules('train', 0, 0, 2048))).numpy()
+    ratios = nca.rule_complexity(*reversed(nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 2048)), nca.data_config('nca')).numpy()
     first = ratios[:1024]  # the candidates the first 4 chunks of 256 try
     top = np.unique(first)[::-1]
     nca.gzip_lower = float((top[2] + top[3]) / 2)   # the 3 highest ratios (and their ties): ~0.3% of them
@@ -182,7 +183,8 @@ def test_rare_band_stops_early_with_rate_time_and_quantiles(nca, monkeypatch):
     assert 3 <= kept <= 8 and kept / 1024 < 0.01
     calls = count_calls(nca, monkeypatch, most=6)
     with pytest.raises(SystemExit) as e:
-        nca.get_rule_set('train', 0, count=64, chunk=256)
+        nca.num_rules = 64
+        nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=256)
     msg = message(e)
     assert len(calls) <= 5, calls                      # stopped early: 64 rules would take ~20,000 candidates
     assert f'{kept / 1024:.2%}' in msg and f'{kept} of 1024' in msg, msg
@@ -196,10 +198,11 @@ def test_empty_band_reports_the_quantiles_of_all_candidates(nca, monkeypatch):
     nca.gzip_lower, nca.gzip_upper = 5.0, 6.0  # no gzip ratio is that high
     calls = count_calls(nca, monkeypatch, most=25)
     with pytest.raises(SystemExit) as e:
-        nca.get_rule_set('train', 0, count=16, chunk=32)
+        nca.num_rules = 16
+        nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=32)
     msg = message(e)
     assert 'kept no rule' in msg and len(calls) == 20, (msg, calls)
-    tried = nca.rule_complexity(*reversed(nca.candidate_rules('train', 0, 0, 32 * 20))).numpy()
+    tried = nca.rule_complexity(*reversed(nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 32 * 20)), nca.data_config('nca')).numpy()
     assert quantile_text(tried) in msg, msg
     assert quantile_text(tried[-32:]) != quantile_text(tried)
 
@@ -209,18 +212,19 @@ def test_rule_network_shape_is_config_and_part_of_the_rule_set(nca):
     assert {'rule_hidden1', 'rule_hidden2'} <= set(nca.config_keys)
     assert (nca.rule_hidden1, nca.rule_hidden2) == (4, 16)  # the paper's
     n = nca.n_states
-    paper = nca.get_rule_set('train', 0, count=8, chunk=64)
+    nca.num_rules = 8
+    paper = nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=64)
     assert paper.shape == (8, 9 * 4 * n + 16 * 4 + n * 16) == (8, 584)
     nca.rule_hidden2 = 8
-    narrower = nca.get_rule_set('train', 0, count=8, chunk=64)
+    narrower = nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=64)
     assert narrower is not paper and narrower.shape == (8, 9 * 4 * n + 8 * 4 + n * 8)
-    assert [tuple(k.shape[1:]) for k in nca.unpack_rules(narrower, n)] == [(4, n, 3, 3), (8, 4), (n, 8)]
-    frames = nca.trajectories(narrower, torch.arange(8), 3)  # the narrower network runs
+    assert [tuple(k.shape[1:]) for k in nca.unpack_rules(narrower, nca.data_config('nca'))] == [(4, n, 3, 3), (8, 4), (n, 8)]
+    frames = nca.trajectories(narrower, torch.arange(8), 3, nca.data_config('nca'))  # the narrower network runs
     assert frames.shape == (8, 3, nca.grid, nca.grid)
     nca.rule_hidden1 = 3
-    assert nca.get_rule_set('train', 0, count=8, chunk=64).shape == (8, 9 * 3 * n + 8 * 3 + n * 8)
+    assert nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=64).shape == (8, 9 * 3 * n + 8 * 3 + n * 8)
     nca.rule_hidden1, nca.rule_hidden2 = 4, 16
-    assert torch.equal(nca.get_rule_set('train', 0, count=8, chunk=64), paper)  # the paper's set again
+    assert torch.equal(nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=64), paper)  # the paper's set again
 
 
 def test_rule_network_shape_is_in_the_checkpoint_and_run_json(tmp_path):

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
+import eval as ev  # noqa: E402
 
 
 def small_rollout(nca, R=6, steps=5, temperature=0.0, first=0):
-    keys, rules = nca.candidate_rules('train', 0, first, R)
+    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, first, R)
     grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), nca.n_states, nca.grid)
-    return rules, grid0, keys, nca.rollout(nca.unpack_rules(rules, nca.n_states), grid0, steps, keys, temperature)
+    return rules, grid0, keys, nca.rollout(nca.unpack_rules(rules, nca.data_config('nca')), grid0, steps, keys, temperature)
 
 
 def test_shapes_and_ranges(nca):
@@ -27,7 +28,7 @@ def test_shapes_and_ranges(nca):
     assert frames.min() >= 0 and frames.max() < nca.n_states
     assert torch.equal(frames[:, 0], grid0)
     # lecun normal truncated at 2 std: the 3x3 conv's fan-in is 9 * 10
-    conv1 = nca.unpack_rules(nca.candidate_rules('train', 0, 0, 4096)[1], 10)[0]
+    conv1 = nca.unpack_rules(nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 4096)[1], nca.data_config('nca'))[0]
     assert abs(conv1.std().item() - (1 / 90) ** 0.5) < 0.003
     assert conv1.abs().max().item() <= 2 * (1 / 90) ** 0.5 / 0.8796 + 1e-6
     tokens = nca.tokenize(frames, nca.n_states, nca.patch)
@@ -39,7 +40,7 @@ def test_rollout_is_the_papers_conv_network(nca):
     rules, grid0, keys, frames = small_rollout(nca, R=5, steps=6)
     n = nca.n_states
     for r in range(5):
-        w1, w2, w3 = [w[0] for w in nca.unpack_rules(rules[r:r + 1], n)]
+        w1, w2, w3 = [w[0] for w in nca.unpack_rules(rules[r:r + 1], nca.data_config('nca'))]
         state = grid0[r]
         for t in range(6):
             x = F.one_hot(state, n).permute(2, 0, 1).float()[None]           # (1, n, S, S)
@@ -53,15 +54,16 @@ def plain_rollout(nca, rules, grid0, n_steps, keys, temperature, identity_bias):
     """The rollout step by step as the paper's code makes it, every cell drawn: lookup table, ReLU, logits,
     softmax(logits / T) by inverse CDF with uniform(keys)."""
     R, S, _ = grid0.shape
-    n = (rules.size(1) - 64) // 52
-    w1, w2, w3 = nca.unpack_rules(rules, n)
-    table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(-1, 16)
+    cfg = nca.data_config('nca')
+    n, hidden = cfg.n_states, cfg.rule_hidden2   # the rule network's shapes as the code has them
+    w1, w2, w3 = nca.unpack_rules(rules, cfg)
+    table = torch.einsum('rcsij,roc->rijso', w1, w2).reshape(-1, hidden)
     first_row = (torch.arange(R).view(R, 1, 1) * 9 + torch.arange(9).view(1, 9, 1)) * n
     u = nca.uniform(keys, n_steps * S * S).view(R, n_steps, S * S)
     states = [grid0.reshape(R, S * S)]
     for t in range(n_steps):
         rows = first_row + states[-1][:, nca.torus_neighbours(S, 'cpu')]                      # (R, 9, S*S)
-        h = F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum').relu().view(R, S * S, 16)
+        h = F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum').relu().view(R, S * S, hidden)
         logits = torch.bmm(w3, h.transpose(1, 2)).transpose(1, 2) + identity_bias * F.one_hot(states[-1], n)
         if temperature == 0:
             states.append(logits.argmax(-1))
@@ -78,46 +80,47 @@ def test_rollout_draws_every_cell_as_the_plain_rollout(nca, temperature, identit
     """The batched rollout (one index_select and one embedding_bag a step for all rules) must give the states of
     the plain step-by-step rollout bit for bit, exact ties included (tie: state 1's logits are state 0's)."""
     nca.n_states, nca.grid = n, size
-    keys, rules = nca.candidate_rules('train', 0, 0, 512)
+    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 512)
     if tie:
         w3 = rules[:, -16 * n:].view(-1, n, 16)
         w3[:, 1] = w3[:, 0]
     grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), n, size)
     noise = nca.make_key(keys, nca.NOISE)
-    frames = nca.rollout(nca.unpack_rules(rules, n), grid0, 20, noise, temperature, identity_bias)
+    frames = nca.rollout(nca.unpack_rules(rules, nca.data_config('nca')), grid0, 20, noise, temperature, identity_bias)
     assert torch.equal(frames, plain_rollout(nca, rules, grid0, 20, noise, temperature, identity_bias))
 
 
 def test_tokens_to_grids_round_trip(nca):
     _, _, _, frames = small_rollout(nca, temperature=1e-4)
     tokens = nca.tokenize(frames, 10, 2)
-    assert torch.equal(nca.detokenize(tokens, 10, 2, 12), frames)
-    assert torch.equal(nca.tokenize(nca.detokenize(tokens, 10, 2, 12), 10, 2), tokens)
+    assert torch.equal(ev.detokenize(tokens, 10, 2, 12), frames)
+    assert torch.equal(nca.tokenize(ev.detokenize(tokens, 10, 2, 12), 10, 2), tokens)
     # a patch's cells are its token's base-n digits, row-major
     grid = torch.zeros(1, 1, 12, 12, dtype=torch.long)
     grid[0, 0, 0, :2] = torch.tensor([1, 2])
     grid[0, 0, 1, :2] = torch.tensor([3, 4])
     assert nca.tokenize(grid, 10, 2)[0, 1].item() == 1 + 2 * 10 + 3 * 100 + 4 * 1000
     with pytest.raises(ValueError):
-        nca.detokenize(tokens[:, :-1], 10, 2, 12)
+        ev.detokenize(tokens[:, :-1], 10, 2, 12)
     bad = tokens.clone()
     bad[0, 0] = 5
     with pytest.raises(ValueError):
-        nca.detokenize(bad, 10, 2, 12)
+        ev.detokenize(bad, 10, 2, 12)
 
 
 @pytest.mark.parametrize('shift', [(1, 0), (0, 5), (7, 11)])
 def test_torus_equivariance(nca, shift):
     rules, grid0, keys, frames = small_rollout(nca, steps=8)
-    shifted = nca.rollout(nca.unpack_rules(rules, nca.n_states), grid0.roll(shift, dims=(1, 2)), 8, keys, 0.0)
+    shifted = nca.rollout(nca.unpack_rules(rules, nca.data_config('nca')), grid0.roll(shift, dims=(1, 2)), 8, keys, 0.0)
     assert torch.equal(shifted, frames.roll(shift, dims=(2, 3)))
     assert not torch.equal(frames[:, 1:], frames[:, :1].expand_as(frames[:, 1:]))  # the grids do move
 
 
-@pytest.mark.parametrize('batch', ['nca_batch', 'dyck_batch'])
+@pytest.mark.parametrize('batch', ['nca', 'dyck'])
 def test_same_seed_same_data_whatever_the_batch_size(nca, batch):
     nca.num_rules, nca.num_val_rules, nca.block_size = 16, 8, 128
-    get = getattr(nca, batch)
+    def get(split, index, batch_size):
+        return getattr(nca, f'{batch}_batch')(nca.data_config(batch), split, index, batch_size)
     for split in ('train', 'val'):
         x8, y8 = get(split, 1, 8)        # sequences 8..15
         x4, y4 = get(split, 3, 4)        # sequences 12..15
@@ -143,24 +146,24 @@ def test_gzip_ratio_of_known_bytes(nca):
 
 def test_rejection_sampling_keeps_the_in_band_candidates_in_order(nca):
     nca.gzip_lower, nca.gzip_upper = 0.3, 0.5
-    keys, rules = nca.candidate_rules('train', 0, 0, 256)
-    ratio = nca.rule_complexity(rules, keys)
+    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 256)
+    ratio = nca.rule_complexity(rules, keys, nca.data_config('nca'))
     expected = rules[(0.3 < ratio) & (ratio < 0.5)][:20]
     assert 20 < ((0.3 < ratio) & (ratio < 0.5)).sum() < 200
-    assert torch.equal(nca.get_rule_set('train', 0, 20, chunk=32), expected)
-    nca._rule_sets.clear()
-    assert torch.equal(nca.get_rule_set('train', 0, 20, chunk=256), expected)
+    nca.num_rules = 20
+    assert torch.equal(nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=32), expected)
+    assert torch.equal(nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=256), expected)
     nca.gzip_lower, nca.gzip_upper = 0.999, 1.0
     with pytest.raises(SystemExit, match='kept no rule'):
-        nca.get_rule_set('train', 0, 20, chunk=32)
+        nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=32)
 
 
 def test_gzip_ratios_match_the_authors_generator(nca):
     """The authors' generator, 1024 random rules: median 0.49, quartiles 0.28 / 0.57, 46% in 0.5-1.0,
     10% in 0.3-0.4. Tolerances are a few standard errors of 1024 samples (the lower quartile sits on a
     steep part of the distribution and moves +-0.04 between seeds)."""
-    keys, rules = nca.candidate_rules('train', 0, 0, 1024)
-    r = nca.rule_complexity(rules, keys).numpy()
+    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 1024)
+    r = nca.rule_complexity(rules, keys, nca.data_config('nca')).numpy()
     q25, q50, q75 = np.quantile(r, [0.25, 0.5, 0.75])
     assert abs(q50 - 0.49) < 0.03 and abs(q75 - 0.57) < 0.02 and abs(q25 - 0.28) < 0.07
     assert abs(((0.5 < r) & (r < 1.0)).mean() - 0.46) < 0.04
@@ -169,7 +172,7 @@ def test_gzip_ratios_match_the_authors_generator(nca):
 
 def test_start_end_positions_and_loss_mask(nca):
     nca.num_rules, nca.block_size = 8, 200
-    x, y = nca.nca_batch('train', 0, 4)
+    x, y = nca.nca_batch(nca.data_config('nca'), 'train', 0, 4)
     assert x.shape == y.shape == (4, 200)
     seq = torch.cat([x, y[:, -1:]], 1)
     for t in range(0, 200, 38):
@@ -184,18 +187,19 @@ def test_start_end_positions_and_loss_mask(nca):
     assert ((y == -1) | (y < 10000)).all()
 
 
-def test_rules_are_resampled_every_epoch(nca):
+def test_rules_are_resampled_every_epoch(nca, monkeypatch):
     nca.num_rules, nca.block_size = 8, 76
-    nca.nca_batch('train', 1, 8)                          # epoch 1
-    assert {k[1] for k in nca._rule_sets if k[0] == 'train'} == {1}
-    nca._rule_sets.clear()
+    asked, real = [], nca.rule_set
+    monkeypatch.setattr(nca, 'rule_set', lambda cfg, split, which: asked.append(which) or real(cfg, split, which))
+    nca.nca_batch(nca.data_config('nca'), 'train', 1, 8)                          # epoch 1
+    assert asked == [1]
     nca.rule_resample = 0
-    nca.nca_batch('train', 1, 8)
-    assert {k[1] for k in nca._rule_sets if k[0] == 'train'} == {0}
+    nca.nca_batch(nca.data_config('nca'), 'train', 1, 8)
+    assert asked == [1, 0]
 
 
 def test_dyck_sequences_are_balanced_and_within_depth(nca):
-    x, y = nca.dyck_batch('train', 0, 16)
+    x, y = nca.dyck_batch(nca.data_config('dyck'), 'train', 0, 16)
     assert x.shape == (16, 1024) and torch.equal(x[:, 1:], y[:, :-1])
     k, max_depth, deepest = nca.dyck_k, nca.dyck_depth, 0
     for seq in torch.cat([x, y[:, -1:]], 1).tolist():
@@ -232,8 +236,8 @@ def test_no_two_uses_share_a_random_stream(nca, monkeypatch):
         seen.append({(k, c) for k in keys.tolist() for c in range(n)})
         return real(keys, n)
     monkeypatch.setattr(nca, 'hash_bits', record)
-    nca.nca_batch('train', 0, 4)
-    nca.nca_batch('val', 0, 4)
+    nca.nca_batch(nca.data_config('nca'), 'train', 0, 4)
+    nca.nca_batch(nca.data_config('nca'), 'val', 0, 4)
     assert len(seen) >= 8
     assert len(set().union(*seen)) == sum(map(len, seen))  # no pair twice, within a draw or across draws
 
@@ -284,21 +288,21 @@ def test_copy_baseline_on_a_hand_made_case(nca, monkeypatch):
 
 def test_shuffled_control_keeps_each_sequences_tokens_and_drops_the_order(nca):
     nca.num_rules, nca.num_val_rules, nca.block_size = 64, 16, 151
-    x, y = nca.nca_batch('train', 0, 4)
+    x, y = nca.nca_batch(nca.data_config('nca'), 'train', 0, 4)
     nca.nca_shuffle = True
-    xs, ys = nca.nca_batch('train', 0, 4)
+    xs, ys = nca.nca_batch(nca.data_config('nca'), 'train', 0, 4)
     assert torch.equal(xs.sort(1).values, x.sort(1).values)            # the same tokens in every sequence
     special = x >= 10 ** 4
     assert torch.equal(special, xs >= 10 ** 4) and torch.equal(ys == -1, y == -1)  # START/END and the mask stay
     assert (xs != x).float().mean() > 0.5                                # the order is gone
-    assert torch.equal(nca.nca_batch('train', 0, 4)[0], xs)             # and the shuffle repeats with the seed
+    assert torch.equal(nca.nca_batch(nca.data_config('nca'), 'train', 0, 4)[0], xs)             # and the shuffle repeats with the seed
 
 
 def test_authors_loss_predicts_start_and_end(nca):
     nca.num_rules, nca.num_val_rules, nca.block_size = 64, 16, 151
-    _, y = nca.nca_batch('train', 0, 2)
+    _, y = nca.nca_batch(nca.data_config('nca'), 'train', 0, 2)
     nca.nca_loss = 'all'
-    _, y_all = nca.nca_batch('train', 0, 2)
+    _, y_all = nca.nca_batch(nca.data_config('nca'), 'train', 0, 2)
     assert (y >= 10 ** 4).sum() == 0 and (y_all >= 10 ** 4).sum() == 2 * 2 * 3  # START, END of frames 1-3
     assert (y_all[:, :37] == -1).all()                                    # the first frame stays context
 

@@ -52,11 +52,11 @@ def used_rules(nca, monkeypatch, index, batch_size):
     """The rules nca_batch gives each sequence of a batch (the rollout skipped: only the rules matter here)."""
     seen = []
 
-    def fake_sequences(rules, keys):
+    def fake_sequences(rules, keys, cfg):
         seen.append(rules.clone())
         return torch.zeros((len(rules), nca.block_size + 1), dtype=torch.long)
     monkeypatch.setattr(nca, 'nca_sequences', fake_sequences)
-    nca.nca_batch('train', index, batch_size)
+    nca.nca_batch(nca.data_config('nca'), 'train', index, batch_size)
     return seen[0]
 
 
@@ -74,7 +74,7 @@ def tiny_nca(nca):
 def test_each_epoch_draws_its_rule_set_and_a_batch_across_epochs_has_both(tiny_nca, monkeypatch, resample):
     nca = tiny_nca
     nca.rule_resample = resample
-    sets = [as_set(nca.get_rule_set('train', s, 4)) for s in range(3)]
+    sets = [as_set(nca.rule_set(nca.data_config('nca'), 'train', s)) for s in range(3)]
     assert sets[0] != sets[1] != sets[2]  # fresh rules each set
     # batches of 3 over 9 sequences (4 rules an epoch): batch 1 holds sequence 3 (epoch 0) and 4, 5 (epoch 1),
     # batch 2 sequences 6, 7 (epoch 1) and 8 (epoch 2)
@@ -92,8 +92,8 @@ def test_the_filter_at_seed_1337_holds_the_projects_own_figures(nca):
     """README (the data engine): `python eval.py nca --num_rules=1024` gives quartiles 0.230 / 0.480 / 0.567,
     45.9% in 0.5-1.0 and 8.9% in 0.3-0.4 at seed 1337. Held to the printed digits, so a drift of the rollout,
     the tokenizer or the ratio shows here (the loose check against the authors' figures is in test_nca.py)."""
-    keys, rules = nca.candidate_rules('train', 0, 0, 1024)
-    r = nca.rule_complexity(rules, keys).numpy()
+    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 1024)
+    r = nca.rule_complexity(rules, keys, nca.data_config('nca')).numpy()
     assert np.quantile(r, [0.25, 0.5, 0.75]) == pytest.approx([0.230, 0.480, 0.567], abs=1.5e-3)
     assert ((0.5 < r) & (r < 1.0)).sum() == pytest.approx(0.459 * 1024, abs=2)
     assert ((0.3 < r) & (r < 0.4)).sum() == pytest.approx(0.089 * 1024, abs=2)
