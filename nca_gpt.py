@@ -230,6 +230,24 @@ def frame_len(cfg):
     return (cfg.grid // cfg.patch) ** 2 + 2  # START + patches + END: 38 at the defaults
 
 
+def nca_problems(cfg, stage):
+    """The command line's checks of the NCA settings: [(bad, one-line message)]."""
+    n, p, frame = cfg.n_states, cfg.patch, frame_len(cfg)
+    return [
+        (n < 2, f"--n_states={n}: a cell needs at least 2 states to change"),
+        (cfg.grid % p, f"--grid={cfg.grid} is not a multiple of --patch={p}: a frame is "
+                       f"(grid / patch)^2 patches (e.g. --grid={cfg.grid - cfg.grid % p or p})"),
+        (n ** (p * p) > 2 ** 16, f"--n_states={n} with --patch={p} gives {n}^{p * p} patch tokens, "
+                                 f"over 2^16: 2x2 patches take up to 16 states (10: 10^4 tokens), "
+                                 f"3x3 up to 3, 4x4 only 2"),
+        (stage == 'nca' and cfg.block_size < 2 * frame - 1,
+         f"--block_size={cfg.block_size} is shorter than two frames of {frame} tokens (the first "
+         f"is context only): give at least {2 * frame - 1}"),
+        (cfg.gzip_lower >= cfg.gzip_upper,
+         f"the band --gzip_lower={cfg.gzip_lower} --gzip_upper={cfg.gzip_upper} is empty: the "
+         f"lower bound must be below the upper")]
+
+
 def nca_vocab(cfg):
     """What an NCA run's token ids mean: the patch tokens, then START and END."""
     _, end = frame_markers(cfg.n_states, cfg.patch)
@@ -344,6 +362,10 @@ def dyck_batch(cfg, split, index, batch_size):
 
 def dyck_vocab(cfg):
     return dict(kind='dyck', size=2 * cfg.dyck_k)
+
+
+def dyck_problems(cfg, stage):
+    return [(cfg.dyck_p_open > 1, "--dyck_p_open must be at most 1")]
 
 
 # ==== 2. The GPT: Llama-style (pre-norm RMSNorm, rotary positions, SwiGLU, untied head) ====
@@ -788,11 +810,18 @@ compile = False         # torch.compile the model (the small and paper presets t
 
 
 # The stage-1 sources: each is its config (a dataclass whose fields are options too), its batch
-# function (cfg, split, index, batch_size) -> X, Y, and its vocabulary (cfg) -> dict(kind, size).
+# function (cfg, split, index, batch_size) -> X, Y, its vocabulary (cfg) -> dict(kind, size), and
+# for the command line its checks: (cfg, stage) -> [(bad, message)], and each option's least value.
 # A new source is its function and one entry here (docs/training.md shows one); the checks, the
 # presets' 'stage1' values and the transfer read this table.
-SOURCES = {'nca': dict(config=NCAConfig, batch=nca_batch, vocab=nca_vocab),
-           'dyck': dict(config=DyckConfig, batch=dyck_batch, vocab=dyck_vocab)}
+SOURCES = {
+    'nca': dict(config=NCAConfig, batch=nca_batch, vocab=nca_vocab, check=nca_problems,
+                at_least=dict(grid=1, patch=1, n_states=1, rule_hidden1=1, rule_hidden2=1,
+                              gzip_frames=1, num_rules=1, num_val_rules=1, burn_in=0,
+                              temperature=0, rule_resample=0)),
+    'dyck': dict(config=DyckConfig, batch=dyck_batch, vocab=dyck_vocab, check=dyck_problems,
+                 at_least=dict(dyck_k=1, dyck_depth=1, dyck_p_open=0)),
+}
 for _source in SOURCES.values():  # --n_states=3 sets this run's NCAConfig.n_states
     for _field in dataclasses.fields(_source['config']):
         globals().setdefault(_field.name, _field.default)
@@ -1054,73 +1083,28 @@ def sum_by_frame(frame, values):
 
 # --- the loop ----------------------------------------------------------------------
 def train():
-    global device, dtype, vocab
-    # distributed: torchrun sets RANK; one process per GPU (or several on a CPU with gloo)
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world = 0, 1
-    if ddp:
-        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        if device == 'cuda':
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        backend = 'gloo'
-        if device.startswith('cuda'):
-            backend = 'nccl'
-        torch.distributed.init_process_group(backend=backend)
-        if gradient_accumulation_steps % world:
-            die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
-                f"of the {world} processes")
+    global dtype
+    ddp, rank, world = init_distributed()
     master = rank == 0
-    # per process; together the same update as one process
-    micro_steps = gradient_accumulation_steps // world
+    micro_steps = gradient_accumulation_steps // world  # per process: together, one update
     device_type = 'cuda' if device.startswith('cuda') else device
     dtype = dtype or default_dtype(device_type)
-    dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-    ptdtype = dtypes[dtype]
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     torch.manual_seed(seed + rank)  # model init (overwritten on resume) and dropout
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # what the token ids mean: resumed runs and fine-tuning keep their model's vocabulary
-    checkpoint, source = None, None
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from == 'resume':
-        checkpoint = load_checkpoint(ckpt_path)
-        if checkpoint['stage'] != stage:
-            die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with "
-                f"that stage")
-        vocab = checkpoint['vocab']
-    elif init_from != 'scratch':
-        source = load_checkpoint(init_from)
-        check_source_vocab(source, stage, keep_embeddings)
-    if not checkpoint:
-        vocab = source['vocab'] if source and stage == 'sft' else stage_vocab()
-
     # the model: from scratch, resumed, or the blocks of another stage's checkpoint
-    # a multiple of 64: faster matmuls; the rows past the vocabulary are never used
-    padded_vocab = -(-vocab['size'] // pad_vocab) * pad_vocab
-    model_args = dict(vocab_size=padded_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                      block_size=block_size, dropout=dropout, head_bias=head_bias,
-                      emb_init=emb_init, scale_residual=scale_residual)
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    model, model_args, checkpoint = init_model(ckpt_path, master)
     iter_num, best_val_loss = 0, float('inf')
     if checkpoint:
-        model_args = checkpoint['model_args']
         iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    model = GPT(**model_args)
-    if checkpoint:
-        model.load_state_dict(checkpoint['model'])
-    elif source:
-        keep = keep_embeddings or stage == 'sft'  # fine-tuning continues the whole model
-        transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep, reinit=reinit,
-                 freeze=freeze)
-        if master:
-            print_transfer(source, keep)
     progress.update(step=iter_num, saved=iter_num if checkpoint else None)
     check_memory(model, ptdtype.itemsize, master)
     model.to(device)
-
     # AdamW (fused on CUDA), and fp16's loss scaler (off otherwise)
     optimizer = torch.optim.AdamW(optimizer_groups(model), lr=learning_rate, betas=(beta1, beta2),
                                   fused=device_type == 'cuda')
@@ -1140,13 +1124,7 @@ def train():
         write_run_file(model_args)
 
     def save(it):
-        cuda_rng = None
-        if device_type == 'cuda':
-            cuda_rng = torch.cuda.get_rng_state()
-        rng = [(torch.get_rng_state(), cuda_rng)]  # the dropout streams
-        if ddp:  # each process's stream, so that a resume continues all of them
-            mine, rng = rng[0], [None] * world
-            torch.distributed.all_gather_object(rng, mine)
+        rng = gather_rng(ddp, world, device_type)
         if master:
             config = {k: globals()[k] for k in config_keys}
             ckpt = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
@@ -1176,6 +1154,7 @@ def train():
             save(iter_num)
         if iter_num >= max_iters:
             break
+        # one update: micro_steps forward and backward passes, then one clipped AdamW step
         loss_sum = torch.zeros((), device=device)
         for micro in range(micro_steps):
             x, y = get_batch('train', iter_num * gradient_accumulation_steps + micro * world + rank)
@@ -1200,21 +1179,80 @@ def train():
             lossf = loss_sum.item() / gradient_accumulation_steps
             check_finite(lossf, iter_num, 'training', ckpt_path)
             dt, t_last = (time.time() - t_last) / log_interval, time.time()
-            mfu = f" | mfu {flops_per_iter / dt / peak_flops:.1%}" if peak_flops else ''
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             if master:
-                rate = tokens_per_iter() / dt
-                print(f"step {iter_num} | loss {lossf:.4f} | lr {lr:.2e} | "
-                      f"{rate:,.0f} tok/s{mfu} | eta {eta / 60:.1f} min")
-                record = dict(step=iter_num, loss=lossf, lr=lr, tok_per_s=rate,
-                              time=time.time() - t_start)
-                log_write(log, record)
+                print_step(log, iter_num, lossf, lr, dt, eta, flops_per_iter, peak_flops, t_start)
     if master:
         minutes = (time.time() - t_start) / 60
         print(f"done: {iter_num} steps, {tokens_seen / 1e6:,.1f}M tokens in {minutes:.1f} min; "
               f"val loss {stats['val_loss']:.4f}, best {best_val_loss:.4f}; checkpoint {ckpt_path}")
     if ddp:
         torch.distributed.destroy_process_group()
+
+
+def init_distributed():
+    """torchrun sets RANK: one process per GPU (or several on a CPU, with gloo) -> ddp, rank,
+    world."""
+    global device
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 1
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    if device == 'cuda':
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    backend = 'gloo'
+    if device.startswith('cuda'):
+        backend = 'nccl'
+    torch.distributed.init_process_group(backend=backend)
+    if gradient_accumulation_steps % world:
+        die(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
+            f"of the {world} processes")
+    return True, rank, world
+
+
+def init_model(ckpt_path, master):
+    """The model of this run -> model, model_args, the checkpoint it resumes (or None). Sets
+    `vocab`, what the token ids mean: a resumed run and fine-tuning keep their model's."""
+    global vocab
+    checkpoint, source = None, None
+    if init_from == 'resume':
+        checkpoint = load_checkpoint(ckpt_path)
+        if checkpoint['stage'] != stage:
+            die(f"{ckpt_path} is a checkpoint of --stage {checkpoint['stage']}: resume it with "
+                f"that stage")
+        vocab = checkpoint['vocab']
+        model = GPT(**checkpoint['model_args'])
+        model.load_state_dict(checkpoint['model'])
+        return model, checkpoint['model_args'], checkpoint
+    if init_from != 'scratch':
+        source = load_checkpoint(init_from)
+        check_source_vocab(source, stage, keep_embeddings)
+    vocab = source['vocab'] if source and stage == 'sft' else stage_vocab()
+    # a multiple of 64: faster matmuls; the rows past the vocabulary are never used
+    padded_vocab = -(-vocab['size'] // pad_vocab) * pad_vocab
+    model_args = dict(vocab_size=padded_vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      block_size=block_size, dropout=dropout, head_bias=head_bias,
+                      emb_init=emb_init, scale_residual=scale_residual)
+    model = GPT(**model_args)
+    if source:
+        keep = keep_embeddings or stage == 'sft'  # fine-tuning continues the whole model
+        transfer(model, source, same_vocab=source['vocab'] == vocab, keep=keep, reinit=reinit,
+                 freeze=freeze)
+        if master:
+            print_transfer(source, keep)
+    return model, model_args, None
+
+
+def gather_rng(ddp, world, device_type):
+    """The dropout streams, for the checkpoint: each process's, so that a resume continues all."""
+    cuda_rng = None
+    if device_type == 'cuda':
+        cuda_rng = torch.cuda.get_rng_state()
+    rng = [(torch.get_rng_state(), cuda_rng)]
+    if ddp:
+        mine, rng = rng[0], [None] * world
+        torch.distributed.all_gather_object(rng, mine)
+    return rng
 
 
 def restore_rng(checkpoint, rank, device_type):
@@ -1386,22 +1424,22 @@ def count_examples(path):
     return sum(1 for line in open(path) if line.strip())  # sft_examples' rows
 
 
+# each option's least value (the sources' are in SOURCES): what the run's length is worked out from
+AT_LEAST = dict(eval_interval=1, eval_iters=1, log_interval=1, batch_size=1,
+                gradient_accumulation_steps=1, n_layer=1, n_head=1, n_embd=1, block_size=1,
+                pad_vocab=1, max_iters=0, max_tokens=0, epochs=0, learning_rate=0, min_lr=0,
+                warmup_iters=0, lr_decay_iters=0, weight_decay=0, grad_clip=0, dropout=0)
+
+
 def check_ranges():
-    """What the run's length is worked out from: values that must be at least 1, or 0, and
-    --epochs' stage."""
-    ones = ('eval_interval', 'eval_iters', 'log_interval', 'batch_size',
-            'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd', 'block_size', 'grid',
-            'patch', 'n_states', 'rule_hidden1', 'rule_hidden2', 'gzip_frames', 'num_rules',
-            'num_val_rules', 'dyck_k', 'dyck_depth', 'pad_vocab')
-    zeros = ('max_iters', 'max_tokens', 'epochs', 'learning_rate', 'min_lr', 'warmup_iters',
-             'lr_decay_iters', 'weight_decay', 'grad_clip', 'burn_in', 'temperature',
-             'rule_resample', 'dropout', 'dyck_p_open')
-    for k in ones:
-        if globals()[k] < 1:
-            die(f"--{k}={globals()[k]} must be at least 1")
-    for k in zeros:
-        if globals()[k] < 0:
-            die(f"--{k}={globals()[k]} must be 0 or more")
+    """Every option above its least value, and --epochs' stage."""
+    least = dict(AT_LEAST)
+    for source in SOURCES.values():
+        least.update(source['at_least'])
+    for k, lo in sorted(least.items(), key=lambda kv: -kv[1]):  # the "at least 1" first
+        if globals()[k] < lo:
+            bound = f"at least {lo}" if lo else "0 or more"
+            die(f"--{k}={globals()[k]} must be {bound}")
     if epochs and stage not in ('nca', 'sft'):
         die("--epochs applies to the nca and sft stages: give --max_iters or --max_tokens")
 
@@ -1411,30 +1449,14 @@ def check_config():
     check_ranges()
     check_device(device)
     heads = ', '.join(str(h) for h in range(1, n_embd // 2 + 1) if n_embd % (2 * h) == 0)
-    n_patch_tokens = n_states ** (patch * patch)
-    odd_heads = n_embd % n_head or n_embd // n_head % 2
-    frame = frame_len(data_config('nca'))
-    two_frames = 2 * frame - 1
-    for bad, message in [
-            (n_states < 2, f"--n_states={n_states}: a cell needs at least 2 states to change"),
-            (grid % patch,
-             f"--grid={grid} is not a multiple of --patch={patch}: a frame is (grid / patch)^2 "
-             f"patches (e.g. --grid={grid - grid % patch or patch})"),
-            (n_patch_tokens > 2 ** 16,
-             f"--n_states={n_states} with --patch={patch} gives {n_states}^{patch * patch} "
-             f"patch tokens, over 2^16: 2x2 patches take up to 16 states (10: 10^4 tokens), "
-             f"3x3 up to 3, 4x4 only 2"),
-            (odd_heads,
-             f"--n_embd={n_embd} is not --n_head={n_head} heads of an even width (rotary "
-             f"positions turn pairs): --n_head can be {heads}"),
-            (stage == 'nca' and block_size < two_frames,
-             f"--block_size={block_size} is shorter than two frames of {frame} tokens "
-             f"(the first is context only): give at least {two_frames}"),
-            (gzip_lower >= gzip_upper,
-             f"the band --gzip_lower={gzip_lower} --gzip_upper={gzip_upper} is empty: "
-             "the lower bound must be below the upper"),
-            (dropout >= 1 or dyck_p_open > 1,
-             "--dropout must be below 1 and --dyck_p_open at most 1")]:
+    problems = [
+        (n_embd % n_head or n_embd // n_head % 2,
+         f"--n_embd={n_embd} is not --n_head={n_head} heads of an even width (rotary positions "
+         f"turn pairs): --n_head can be {heads}"),
+        (dropout >= 1, "--dropout must be below 1")]
+    for name, source in SOURCES.items():
+        problems += source['check'](data_config(name), stage)
+    for bad, message in problems:
         if bad:
             die(message)
     if stage in ('lm', 'sft'):
@@ -1698,6 +1720,14 @@ def print_run(model, world, iter_num):
           f"step {iter_num}; lr: warm-up {warmup_iters} steps, cosine to step {lr_decay_iters}; "
           f"writing to {out_dir}/")
     print('config: ' + ' '.join(f"{k}={globals()[k]}" for k in config_keys))
+
+
+def print_step(log, it, lossf, lr, dt, eta, flops_per_iter, peak_flops, t_start):
+    rate = tokens_per_iter() / dt
+    mfu = f" | mfu {flops_per_iter / dt / peak_flops:.1%}" if peak_flops else ''
+    print(f"step {it} | loss {lossf:.4f} | lr {lr:.2e} | {rate:,.0f} tok/s{mfu} | "
+          f"eta {eta / 60:.1f} min")
+    log_write(log, dict(step=it, loss=lossf, lr=lr, tok_per_s=rate, time=time.time() - t_start))
 
 
 def print_evaluation(it, stats):

@@ -304,3 +304,50 @@ def test_presets_compile_only_on_a_gpu(nca):
     assert nca.n_embd == 768 and nca.compile is False
     nca.configure(['--preset=small', '--device=cpu', '--compile=true'])
     assert nca.compile is True
+
+
+def test_a_new_source_is_one_function_and_one_entry(tmp_path):
+    """docs/training.md's worked example, pasted as a user would into a copy of nca_gpt.py (its code block before
+    section 2, its entry into SOURCES, nothing else), trains, refuses a bad value of its option in one line, and
+    gives its blocks to a language stage."""
+    doc = open(os.path.join(ROOT, 'docs', 'training.md')).read()
+    section = doc[doc.index('## A new stage-1 source'):]
+    code, entry = [block.split('```', 1)[0] for block in section.split('```python\n')[1:3]]
+    src = open(os.path.join(ROOT, 'nca_gpt.py')).read()
+    at_sources = src.index('\n}\n', src.index('SOURCES = {'))
+    fork = src[:at_sources] + '\n' + entry.rstrip('\n') + src[at_sources:]
+    fork = fork.replace('# ==== 2. The GPT', code + '\n\n# ==== 2. The GPT', 1)
+    assert fork.count('eca_batch') == 2 and len(fork.splitlines()) == len(src.splitlines()) + len(
+        (code + '\n\n').splitlines()) + len(entry.rstrip('\n').splitlines())
+    script = tmp_path / 'nca_gpt.py'
+    script.write_text(fork)
+
+    def fork_run(*args, check=True):
+        p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                           cwd=tmp_path, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert not check or p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        return p
+    out = tmp_path / 'out-eca'
+    fork_run('--stage=eca', '--preset=tiny', '--eca_width=15', '--block_size=128', '--batch_size=8',
+             '--n_layer=1', '--n_embd=32', '--max_iters=40', '--eval_interval=40', '--eval_iters=2',
+             '--learning_rate=3e-3', f'--out_dir={out}')
+    val = [r['val_loss'] for r in read_log(out) if 'val_loss' in r]
+    assert val[1] < val[0] - 0.3, val  # it learns the rules' frames
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['vocab'] == {'kind': 'eca', 'size': 3} and ckpt['config']['eca_width'] == 15
+    bad = fork_run('--stage=eca', '--eca_width=2', check=False)
+    assert bad.returncode == 1 and bad.stderr.strip() == 'nca_gpt.py: --eca_width=2 must be at least 3', bad.stderr
+    # its blocks start a language model: the transfer reads SOURCES too (a byte corpus of this repository's code)
+    data = tmp_path / 'data' / 'own'
+    data.mkdir(parents=True)
+    text = open(os.path.join(ROOT, 'nca_gpt.py'), 'rb').read()
+    ids = np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
+    ids[:len(ids) * 9 // 10].tofile(data / 'train.bin')
+    ids[len(ids) * 9 // 10:].tofile(data / 'val.bin')
+    meta = dict(tokenizer='bytes', vocab_size=257, train_tokens=len(ids) * 9 // 10,
+                val_tokens=len(ids) - len(ids) * 9 // 10)
+    (data / 'meta.json').write_text(json.dumps(meta))
+    p = fork_run('--stage=lm', '--preset=tiny', '--dataset=own', f'--data_dir={tmp_path / "data"}', f'--init_from={out}',
+                 '--n_layer=1', '--n_embd=32', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
+                 f'--out_dir={tmp_path / "out-lm"}')
+    assert 'transferred the blocks' in p.stdout and 'eca' in p.stdout, p.stdout[-1000:]
