@@ -37,6 +37,11 @@ import torch.nn.functional as F
 
 
 # ==== 1. The NCA data ========================================================
+# The data path, as nca_batch runs it (each step a function below, in this order):
+#   rules  = rule_set(cfg, split, which)               random rules, kept if in the gzip band
+#   frames = trajectories(rules, keys, n_frames, cfg)  roll each out from a random grid
+#   seq    = tokenize(frames, n_states, patch)         2x2 patches, each frame START ... END
+#   x, y   = seq[:, :-1], seq[:, 1:]                   y = -1 on the first frame: context only
 @dataclasses.dataclass(frozen=True)
 class NCAConfig:
     """Everything an NCA batch depends on. The defaults are the paper's, from its public code;
@@ -76,8 +81,8 @@ class NCAConfig:
 def rule_shapes(cfg):
     """The rule network's three kernels (out, in, ...); the paper's biases start at 0 and stay
     there."""
-    n = cfg.n_states
-    return [(cfg.rule_hidden1, n, 3, 3), (cfg.rule_hidden2, cfg.rule_hidden1), (n, cfg.rule_hidden2)]
+    n, h1, h2 = cfg.n_states, cfg.rule_hidden1, cfg.rule_hidden2
+    return [(h1, n, 3, 3), (h2, h1), (n, h2)]
 
 
 def rule_nonlinearity(h):
@@ -1089,7 +1094,7 @@ def train():
     micro_steps = gradient_accumulation_steps // world  # per process: together, one update
     device_type = 'cuda' if device.startswith('cuda') else device
     dtype = dtype or default_dtype(device_type)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ptdtype = getattr(torch, dtype)  # float32 | bfloat16 | float16
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=ptdtype)
     torch.manual_seed(seed + rank)  # model init (overwritten on resume) and dropout
     if device_type == 'cuda':
@@ -1770,7 +1775,8 @@ def memory_needed(model, act_bytes):
 
 
 def free_memory(device):
-    """Bytes free on the device: the GPU's, or the RAM available to a CPU run; None where unknown."""
+    """Bytes free on the device: the GPU's, or the RAM available to a CPU run; None where
+    unknown."""
     if device.startswith('cuda'):
         return torch.cuda.mem_get_info(device)[0]
     if device == 'cpu' and os.path.exists('/proc/meminfo'):

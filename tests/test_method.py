@@ -50,31 +50,40 @@ def rules_and_grids(nca, R, n, first=0):
     return nca.unpack_rules(rules, nca.data_config('nca')), grid0, nca.make_key(keys, nca.NOISE)
 
 
-def conv_logits(kernels, r, state, identity_bias):
+def conv_logits(nca, kernels, r, state, identity_bias):
     """Rule r's logits (n, S, S) for one grid (S, S), the network written out: one-hot, wrap-pad, conv 3x3,
     conv 1x1, ReLU, conv 1x1 (+ identity_bias on the current state)."""
     w1, w2, w3 = (k[r] for k in kernels)
     n = w3.size(0)
     x = F.one_hot(state, n).permute(2, 0, 1).float()[None]
     h = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='circular'), w1)
-    h = F.relu(F.conv2d(h, w2[:, :, None, None]))
+    h = nca.rule_nonlinearity(F.conv2d(h, w2[:, :, None, None]))
     logits = F.conv2d(h, w3[:, :, None, None])[0]
     return logits + identity_bias * F.one_hot(state, n).permute(2, 0, 1)
 
 
-def disagreements_at_near_ties(kernels, fast, plain, identity_bias, tol=1e-5):
+def disagreements_at_near_ties(nca, kernels, fast, plain, identity_bias, tol=1e-5):
     """At temperature 0: every rule whose two trajectories part does so first at cells where the network's top
     two logits are within tol (a rounding choice, not a different rule). -> the number of rules that part."""
     parts = (fast != plain).flatten(2).any(2)                       # (R, T+1)
     assert not parts[:, 0].any()                                     # the same initial grids
     for r in parts.any(1).nonzero().flatten().tolist():
         t = parts[r].nonzero()[0].item()                            # the first step they differ; equal before it
-        logits = conv_logits(kernels, r, plain[r, t - 1], identity_bias)
+        logits = conv_logits(nca, kernels, r, plain[r, t - 1], identity_bias)
         top2 = logits.topk(2, dim=0).values
         cells = fast[r, t] != plain[r, t]
         gaps = (top2[0] - top2[1])[cells]
         assert (gaps < tol).all(), (r, t, gaps.max().item())
     return int(parts.any(1).sum())
+
+
+def test_the_rule_network_is_the_papers(nca):
+    """The tests above rebuild the network with the code's own widths and nonlinearity, so that a fork that changes
+    them fails only here: the paper's network is 3x3 conv -> 4, 1x1 conv -> 16, ReLU, 1x1 conv -> n_states."""
+    cfg = nca.data_config('nca')
+    assert nca.rule_shapes(cfg) == [(4, 10, 3, 3), (16, 4), (10, 16)], "not the paper's widths (rule_hidden1/2)"
+    h = torch.linspace(-2, 2, 9)
+    assert torch.equal(nca.rule_nonlinearity(h.clone()), F.relu(h)), "the rule network's nonlinearity is not ReLU"
 
 
 @pytest.mark.parametrize('R,n,temperature,identity_bias', [
@@ -91,7 +100,7 @@ def test_plain_rule_network_equals_fast_rollout(nca, R, n, temperature, identity
     if temperature:
         assert torch.equal(fast, plain)
     else:  # argmax: the two forms may round a near-tie differently, nowhere else
-        parted = disagreements_at_near_ties(kernels, fast, plain, identity_bias)
+        parted = disagreements_at_near_ties(nca, kernels, fast, plain, identity_bias)
         assert parted <= R // 100, parted  # (on the machine these tests were written on: 0, equal throughout)
 
 
@@ -111,7 +120,7 @@ def test_nca_step_pads_circularly_a_torus(nca, temperature, identity_bias):
         assert torch.equal(shifted, step.roll(shift, dims=(1, 2))), shift
     if not temperature:  # and it is the written-out network, wrap-padded, cell for cell (up to near-ties)
         for r in range(8):
-            logits = conv_logits(kernels, r, grid0[r], identity_bias)
+            logits = conv_logits(nca, kernels, r, grid0[r], identity_bias)
             top2 = logits.topk(2, dim=0).values
             differ = step[r] != logits.argmax(0)
             assert ((top2[0] - top2[1])[differ] < 1e-5).all()

@@ -45,7 +45,7 @@ def test_rollout_is_the_papers_conv_network(nca):
         for t in range(6):
             x = F.one_hot(state, n).permute(2, 0, 1).float()[None]           # (1, n, S, S)
             h = F.conv2d(F.pad(x, (1, 1, 1, 1), mode='circular'), w1)
-            h = F.relu(F.conv2d(h, w2[:, :, None, None]))
+            h = nca.rule_nonlinearity(F.conv2d(h, w2[:, :, None, None]))
             state = F.conv2d(h, w3[:, :, None, None])[0].argmax(0)
             assert torch.equal(state, frames[r, t + 1]), (r, t)
 
@@ -63,7 +63,8 @@ def plain_rollout(nca, rules, grid0, n_steps, keys, temperature, identity_bias):
     states = [grid0.reshape(R, S * S)]
     for t in range(n_steps):
         rows = first_row + states[-1][:, nca.torus_neighbours(S, 'cpu')]                      # (R, 9, S*S)
-        h = F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum').relu().view(R, S * S, hidden)
+        h = nca.rule_nonlinearity(F.embedding_bag(rows.transpose(1, 2).reshape(-1, 9), table, mode='sum'))
+        h = h.view(R, S * S, hidden)
         logits = torch.bmm(w3, h.transpose(1, 2)).transpose(1, 2) + identity_bias * F.one_hot(states[-1], n)
         if temperature == 0:
             states.append(logits.argmax(-1))
