@@ -9,7 +9,8 @@ Read it top to bottom. The method, in parts that take their settings as argument
      then the Dyck control (DyckConfig)
   2. the GPT (Llama-style)
   3. the transfer: keep the blocks, re-initialise the embedding and the head
-  Appendix A-C: the NCA data made fast and reproducible, and a band too narrow to fill.
+  Appendix A-C, which a reader of the method may skip: the rollout made fast (a lookup table
+     with rollout_plain's states), the random numbers as hashes, a band too narrow to fill.
 Then the script, as nanoGPT's train.py: the config, the stage-1 sources (SOURCES), the language
 batches, one training loop for every stage (nca | dyck -> lm -> sft), and its machinery.
 Not here: evaluation, plots, Hugging Face folders and the NCA data's statistics (eval.py),
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 # ==== 1. The NCA data ========================================================
 # The data path, as nca_batch runs it (each step a function below, in this order):
-#   rules  = rule_set(cfg, split, which)               random rules, kept if in the gzip band
+#   rules  = rule_set(cfg, split, which)[order]        random rules, kept if in the gzip band
 #   frames = trajectories(rules, keys, n_frames, cfg)  roll each out from a random grid
 #   seq    = tokenize(frames, n_states, patch)         2x2 patches, each frame START ... END
 #   x, y   = seq[:, :-1], seq[:, 1:]                   y = -1 on the first frame: context only
@@ -119,8 +120,8 @@ def sample_rules(keys, cfg):
 
 
 def unpack_rules(rules, cfg):
-    """rules (R, P) -> the kernels conv1 (R, 4, n, 3, 3), conv2 (R, 16, 4), conv3 (R, n, 16)
-    (the widths: rule_hidden1, rule_hidden2): views, not copies."""
+    """rules (R, P) -> the kernels conv1 (R, h1, n, 3, 3), conv2 (R, h2, h1), conv3 (R, n, h2)
+    (h1, h2: rule_hidden1, rule_hidden2; 4 and 16 in the paper): views, not copies."""
     shapes = rule_shapes(cfg)
     parts = rules.split([math.prod(s) for s in shapes], dim=1)
     return [p.view(-1, *s) for p, s in zip(parts, shapes)]
@@ -168,8 +169,8 @@ def nca_step(state, kernels, u, temperature, identity_bias):
     R, S, _ = state.shape
     x = F.one_hot(state, conv3.size(1)).permute(0, 3, 1, 2).float()   # (R, n, S, S) one-hot states
     x = F.pad(x, (1, 1, 1, 1), mode='circular')                     # (R, n, S+2, S+2): the torus
-    h = per_rule_conv(x, conv1)                                      # (R, 4, S, S) 3x3 conv
-    h = rule_nonlinearity(per_rule_conv(h, conv2[..., None, None]))  # (R, 16, S, S) 1x1 conv, ReLU
+    h = per_rule_conv(x, conv1)                                      # (R, h1, S, S) 3x3 conv
+    h = rule_nonlinearity(per_rule_conv(h, conv2[..., None, None]))  # (R, h2, S, S) 1x1, ReLU
     logits = per_rule_conv(h, conv3[..., None, None])                # (R, n, S, S) 1x1 conv
     next_state = draw_next(logits.flatten(2), state.view(R, -1), u, temperature, identity_bias)
     return next_state.view(R, S, S)
@@ -303,6 +304,29 @@ def rule_set(cfg, split, which, chunk=2048):
 
 
 # --- batch: one rule a sequence, the first frame context only --------------------------
+def sequence_ids(index, batch_size, device):
+    """Batch `index` holds sequences index * batch_size .. of its split: (B,)."""
+    return torch.arange(index * batch_size, (index + 1) * batch_size, device=device)
+
+
+def rules_of_sequences(cfg, split, i):
+    """Sequence ids i (B,) -> their rules (B, P). Epoch e = i // count (count: the split's rules)
+    takes rule set e // rule_resample (0: one set for the whole run, the authors' code) in an
+    order hashed from (seed, split, e): each rule once an epoch, with a fresh grid each time."""
+    count = cfg.num_rules if split == 'train' else cfg.num_val_rules
+    epoch = i // count
+    rules = []
+    for e in epoch.unique().tolist():  # a batch spans at most two epochs, in order
+        which = 0
+        if cfg.rule_resample:
+            which = e // cfg.rule_resample
+        rules_e = rule_set(cfg, split, which)
+        order_key = make_key(cfg.seed, SPLITS[split], ORDER, torch.tensor([e], device=cfg.device))
+        order = uniform(order_key, count)[0].argsort()
+        rules.append(rules_e[order[i[epoch == e] % count]])
+    return torch.cat(rules)
+
+
 def nca_sequences(rules, keys, cfg):
     """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per
     sequence."""
@@ -680,29 +704,6 @@ def categorical(probs, u, dim=-1):
     return (cdf < u.unsqueeze(dim) * cdf.narrow(dim, -1, 1)).sum(dim)
 
 
-def sequence_ids(index, batch_size, device):
-    """Batch `index` holds sequences index * batch_size .. of its split: (B,)."""
-    return torch.arange(index * batch_size, (index + 1) * batch_size, device=device)
-
-
-def rules_of_sequences(cfg, split, i):
-    """Sequence ids i (B,) -> their rules (B, P). Epoch e = i // count (count: the split's rules)
-    takes rule set e // rule_resample (0: one set for the whole run, the authors' code) in an
-    order hashed from (seed, split, e): each rule once an epoch, with a fresh grid each time."""
-    count = cfg.num_rules if split == 'train' else cfg.num_val_rules
-    epoch = i // count
-    rules = []
-    for e in epoch.unique().tolist():  # a batch spans at most two epochs, in order
-        which = 0
-        if cfg.rule_resample:
-            which = e // cfg.rule_resample
-        rules_e = rule_set(cfg, split, which)
-        order_key = make_key(cfg.seed, SPLITS[split], ORDER, torch.tensor([e], device=cfg.device))
-        order = uniform(order_key, count)[0].argsort()
-        rules.append(rules_e[order[i[epoch == e] % count]])
-    return torch.cat(rules)
-
-
 # ==== Appendix C. A band too narrow to fill stops early, saying why ================
 MAX_CANDIDATES_PER_RULE = 100  # a band keeping under 1% of the candidates stops early, saying so
 
@@ -994,10 +995,11 @@ def optimizer_groups(model):
 
 
 def micro_step_loss(loss, micro_steps, world):
-    """What a micro-step backpropagates: the update's gradient is the mean over its micro-steps, or
-    (clip_sum, the authors' stage 2) their sum, so that clipping sees a norm micro_steps times
-    larger. DDP averages over processes, hence x world. Under Adam only clipping and eps see the
-    difference."""
+    """What a micro-step backpropagates: the update's gradient is the mean over all
+    gradient_accumulation_steps micro-steps (micro_steps a process, DDP averaging the processes),
+    or (clip_sum, the authors' stage 2) their sum, so that clipping sees a norm
+    gradient_accumulation_steps times larger: x world undoes DDP's mean. Under Adam only
+    clipping and eps see the difference."""
     if clip_sum:
         return loss * world
     return loss / micro_steps
