@@ -1106,14 +1106,17 @@ def mean_curve(curves):
 
 def run_config(out_dir):
     """The config a run was trained with: from its run.json (nca_gpt.py writes it as the run starts,
-    and it outlives a deleted checkpoint), else from its checkpoint (older runs; memory-mapped: the
-    weights are not read)."""
+    and it outlives a deleted checkpoint; a resume's length, say, as the resume changed it), else
+    from its checkpoint (older runs; memory-mapped: the weights are not read)."""
     record = os.path.join(out_dir, 'run.json')
     path = os.path.join(out_dir, 'ckpt.pt')
     if os.path.exists(record):
-        config = read_json(record).get('config')
+        run = read_json(record)
+        config = run.get('config')
         if not isinstance(config, dict) or 'seed' not in config:
             die(f"{record} holds no config with a seed: is it nca_gpt.py's?")
+        for resume in run.get('resumes', []):  # then what each resume changed: its length, say
+            config = {**config, **{k: now for k, (_, now) in resume['changed'].items()}}
         return config
     if not os.path.exists(path):
         die(f"{out_dir} holds neither run.json nor ckpt.pt: compare pairs runs by the seed "

@@ -1128,7 +1128,7 @@ def train():
     if master:
         print_run(raw_model, world, iter_num)
         log = open_log(os.path.join(out_dir, 'log.jsonl'), iter_num)
-        write_run_file(model_args)
+        write_run_file(model_args, checkpoint)
 
     def save(it):
         rng = gather_rng(ddp, world, device_type)
@@ -1230,6 +1230,8 @@ def init_model(ckpt_path, master):
         vocab = checkpoint['vocab']
         model = GPT(**checkpoint['model_args'])
         model.load_state_dict(checkpoint['model'])
+        for module in parts(freeze, model):  # what the transfer froze stays frozen
+            module.requires_grad_(False)
         return model, checkpoint['model_args'], checkpoint
     if init_from != 'scratch':
         source = load_checkpoint(init_from)
@@ -1349,10 +1351,13 @@ def configure(argv):
     """Resolve the config once, in the README's order: the values above < the preset (its 'all',
     then the stage's) < the recipe < the command line; then the run's length. A length given
     (--max_iters, --max_tokens, --epochs) keeps the preset's warm-up and decay as shares of it.
-    Sets the module's values -> notes to print."""
+    A resume takes its checkpoint's config as if given (resume_overrides). Sets the module's
+    values -> notes to print."""
     overrides, rest = parse_args(argv, {k: globals()[k] for k in config_keys}, CHOICES)
     if rest:
         die(f"unexpected argument {rest[0]!r}: options look like --key=value")
+    if overrides.get('init_from') == 'resume':  # the run's settings are its checkpoint's
+        overrides = resume_overrides(overrides)
     lengths = [k for k in ('max_iters', 'max_tokens', 'epochs') if k in overrides]
     if len(lengths) > 1:
         die(f"--{lengths[0]} and --{lengths[1]} both set the run's length: give one")
@@ -1423,7 +1428,7 @@ def set_length(shares):
     if 'lr_decay_iters' in shares:
         lr_decay_iters = round(shares['lr_decay_iters'] * max_iters)
     lr_decay_iters = lr_decay_iters or max_iters
-    if stop_at_peak:
+    if stop_at_peak and init_from != 'resume':  # a resume keeps its checkpoint's schedule
         warmup_iters = lr_decay_iters = max_iters
 
 
@@ -1549,6 +1554,64 @@ def parse_args(argv, config, choices=None, script='nca_gpt.py'):
     return overrides, rest
 
 
+# --- resume: the run's settings come from its checkpoint ---------------------------------------
+# A resume continues one run: what it may change is how long it runs, how often it evaluates and
+# prints, the machine it runs on and where its files are; the data, the model and the optimisation
+# are the checkpoint's (a value given for them must be the checkpoint's).
+MAY_CHANGE_ON_RESUME = ('max_iters', 'max_tokens', 'epochs', 'eval_interval', 'eval_iters',
+                        'log_interval', 'device', 'dtype', 'compile', 'out_dir', 'init_from',
+                        'data_dir')
+# of those, what this command and machine decide as a fresh run does; the others go on at the
+# checkpoint's values unless given (dtype and compile only on the same kind of device: a GPU's
+# float16 or compile is not a CPU's)
+FRESH_ON_RESUME = ('device', 'out_dir', 'init_from')
+LENGTHS = ('max_iters', 'max_tokens', 'epochs')  # the run's length, one of them given (configure)
+# values that a run's start resolves (the preset by the device, the decay's end by the length):
+# given again on resume they are no contradiction, and the checkpoint's value stands
+AS_RESOLVED = {'preset': '', 'lr_decay_iters': 0}
+
+
+def resume_overrides(overrides):
+    """--init_from=resume: the checkpoint's config as if given on the command line, so that it wins
+    over the defaults, the preset and the recipe; the command line's own values go on top, and
+    those outside MAY_CHANGE_ON_RESUME must equal the checkpoint's."""
+    folder = overrides.get('out_dir') or f"out-{overrides.get('stage', stage)}"
+    path = os.path.join(folder, 'ckpt.pt')
+    saved = checked_config(load_checkpoint(path, mmap=True), path)  # mmap: the weights not read
+    overrides = {k: v for k, v in overrides.items() if (k, v) not in AS_RESOLVED.items()}
+    for k, v in overrides.items():
+        if k not in MAY_CHANGE_ON_RESUME and v != saved[k]:
+            die(f"--{k}={v} contradicts {path}, trained with --{k}={saved[k]}: a resume goes on "
+                f"with the run's settings (leave --{k} out), or start a fresh run with another "
+                f"--out_dir")
+    # the run's length: the one given, else the checkpoint's in the form it had (a token budget,
+    # passes over the data, or updates)
+    length = [k for k in LENGTHS if k in overrides]
+    length = length or [next((k for k in ('max_tokens', 'epochs') if saved[k]), 'max_iters')]
+    kind = (overrides.get('device') or devices()[0]).split(':')[0]
+    fresh = FRESH_ON_RESUME + ('dtype', 'compile') * (saved['device'].split(':')[0] != kind)
+    kept = {k: v for k, v in saved.items()
+            if k not in fresh and (k not in LENGTHS or k in length)}
+    return {**kept, **overrides}
+
+
+def checked_config(checkpoint, path):
+    """A checkpoint's config, if it names the settings this code has, exactly: one written by other
+    code (another version of this script) may describe data or a model that this code builds
+    differently, so it is refused rather than guessed at."""
+    config = checkpoint.get('config') if isinstance(checkpoint, dict) else None
+    if not isinstance(config, dict):
+        die(f"{path} holds no config: it was written by other code; start a fresh run with "
+            f"another --out_dir, or resume it with that code")
+    odd = [f"{what} ({', '.join(sorted(keys))})" for what, keys in
+           (('has settings this code does not know', set(config) - set(config_keys)),
+            ('lacks settings this code needs', set(config_keys) - set(config))) if keys]
+    if odd:
+        die(f"{path} was written by other code: its config {' and '.join(odd)}; start a fresh "
+            f"run with another --out_dir, or resume it with the code that wrote it")
+    return config
+
+
 # ==== Appendix: files ===========================================================
 def atomic_write(path, write):
     """write(tmp_path) then rename: a file is either whole or absent, never half-written."""
@@ -1619,9 +1682,10 @@ def resume_command():
     return ' '.join(['python', SCRIPT, *args, f'--out_dir={out_dir}', '--init_from=resume'])
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """A run's checkpoint (its out_dir will do), or a Hugging Face Llama folder as a transfer
-    source: eval.py reads such a folder, beside its export."""
+    source: eval.py reads such a folder, beside its export. mmap: the tensors are mapped from the
+    file, not read (for the config alone)."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, 'ckpt.pt')):
         return load_hf_folder(path)
     if os.path.isdir(path):  # a run's out_dir will do
@@ -1629,8 +1693,11 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         die(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        return torch.load(path, map_location='cpu', weights_only=False, mmap=mmap)
     except Exception as e:
+        if isinstance(e, MemoryError) or 'DefaultCPUAllocator' in str(e):  # torch's own words
+            die(f"not enough memory to load the checkpoint {path} ({os.path.getsize(path):,} "
+                f"bytes): stop what else runs here, or load it on a machine with more memory")
         die(f"cannot read the checkpoint {path}: {type(e).__name__}: {e}")
 
 
@@ -1671,12 +1738,14 @@ def log_write(log, record):
         stop_on_failed_write(log.name, e)
 
 
-def write_run_file(model_args):
+def write_run_file(model_args, checkpoint=None):
     """out_dir/run.json, written as the run starts: what eval.py compare needs once the checkpoints
-    are gone."""
+    are gone. A resume (from `checkpoint`) keeps the run's first settings and adds itself."""
     config = {k: globals()[k] for k in config_keys}
     run = dict(config=config, stage=stage, vocab=vocab, model_args=model_args)
     path = os.path.join(out_dir, 'run.json')
+    if checkpoint:
+        run = resumed_run_file(path, run, checkpoint)
     def write(tmp):
         # closed here: a failed last flush must fail the write, not pass unseen
         with open(tmp, 'w') as f:
@@ -1694,6 +1763,25 @@ def check_source_vocab(source, stage, keep_embeddings):
             die(f"{source.get('source', 'the source')}'s tokenizer is neither GPT-2's nor bytes: "
                 f"{who} needs its ids to mean text nca_gpt.py can encode; transfer its blocks to "
                 f"--stage lm instead")
+
+
+def resumed_run_file(path, run, checkpoint):
+    """run.json on resume: the run as it started (where run.json is gone or unreadable, as its
+    checkpoint has it), and in `resumes` each resume: when (UTC), from which step, and which of
+    MAY_CHANGE_ON_RESUME it changed, [before, now]."""
+    before, first = checkpoint['config'], None
+    try:
+        with open(path) as f:
+            first = json.load(f)
+    except (OSError, ValueError):
+        pass
+    if not isinstance(first, dict) or not isinstance(first.get('config'), dict):
+        first = {**run, 'config': before}
+    changed = {k: [before[k], run['config'][k]] for k in MAY_CHANGE_ON_RESUME
+               if k != 'init_from' and before[k] != run['config'][k]}
+    resume = dict(time=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                  from_step=checkpoint['iter_num'], changed=changed)
+    return {**first, 'resumes': [*first.get('resumes', []), resume]}
 
 
 # ==== Appendix: what a run prints ================================================
@@ -1807,7 +1895,7 @@ def main(argv):
     master = int(os.environ.get('RANK', 0)) == 0
     if note and master:
         print(note)
-    if band == 'auto':
+    if band == 'auto' and init_from != 'resume':  # a resume keeps its checkpoint's band
         auto_band()
     try:
         train()

@@ -37,7 +37,8 @@ def val_losses(out_dir):
 @needs_compiler
 def test_compiled_training_matches_eager_and_resumes(nca, tmp_path, monkeypatch):
     monkeypatch.setattr('torch._inductor.config.compile_threads', 1)  # 2 cores: a pool of workers costs more than it saves
-    args = ['--stage=nca', '--learning_rate=3e-3', '--warmup_iters=0', '--eval_interval=4']
+    # the schedule given: a resume keeps its checkpoint's, and the eager run's follows its own --max_iters
+    args = ['--stage=nca', '--learning_rate=3e-3', '--warmup_iters=0', '--lr_decay_iters=6', '--eval_interval=4']
     train(nca, *args, '--max_iters=6', f'--out_dir={tmp_path / "eager"}')
     train(nca, *args, '--max_iters=4', '--compile=true', f'--out_dir={tmp_path / "compiled"}')
     train(nca, *args, '--max_iters=6', '--compile=true', '--init_from=resume', f'--out_dir={tmp_path / "compiled"}')
