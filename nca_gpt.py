@@ -828,7 +828,10 @@ SOURCES = {
     'dyck': dict(config=DyckConfig, batch=dyck_batch, vocab=dyck_vocab, check=dyck_problems,
                  at_least=dict(dyck_k=1, dyck_depth=1, dyck_p_open=0)),
 }
-for _source in SOURCES.values():  # --n_states=3 sets this run's NCAConfig.n_states
+# Each source's fields join the config above at their defaults (n_states, grid, dyck_k, ...), so
+# that --n_states=3 sets them; the fields the config above has already (seed, block_size, device)
+# are the run's own. data_config then builds a source's config from these values.
+for _source in SOURCES.values():
     for _field in dataclasses.fields(_source['config']):
         globals().setdefault(_field.name, _field.default)
 config_keys = [k for k, v in globals().items()  # lower case: the constants above are not options

@@ -183,9 +183,8 @@ def test_keep_embeddings_needs_the_same_vocabulary(nca):
     ('norm', ['blocks.0.norm', 'blocks.1.norm', 'norm.']),
 ])
 def test_reinit_switches(nca, spec, changed):
-    nca.reinit = spec
     src, dst, ckpt = make_models(nca)
-    nca.transfer(dst, ckpt, same_vocab=False)
+    nca.transfer(dst, ckpt, same_vocab=False, reinit=spec)
     for k, v in src.state_dict().items():
         if k.startswith(('wte.', 'head.')):
             continue
@@ -195,9 +194,8 @@ def test_reinit_switches(nca, spec, changed):
 
 
 def test_freeze_switch(nca):
-    nca.freeze = 'attn,emb'
     src, dst, ckpt = make_models(nca)
-    nca.transfer(dst, ckpt, same_vocab=False)
+    nca.transfer(dst, ckpt, same_vocab=False, freeze='attn,emb')
     frozen = {k for k, p in dst.named_parameters() if not p.requires_grad}
     assert frozen == {k for k, _ in dst.named_parameters() if '.attn.' in k or k.startswith('wte.')}
 
