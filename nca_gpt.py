@@ -964,7 +964,7 @@ def stage_vocab():
 # --- where the authors' recipe changes the method ------------------------------
 # --recipe=authors (RECIPES, in the appendix) trains as the authors' code does. Most of its items
 # are plain values (no clipping in stage 1, AdamW's decay, beta2, dropout, the vocabulary's
-# padding, fp16); the five below change how the method computes, each behind its own flag, and
+# padding, fp16); the six flags below change how the method computes, in five places, and
 # this is every place they act:
 #   emb_init='torch', head_bias  -> authors_torch_init: torch's own init for the fresh embedding
 #                                   and head
@@ -1233,7 +1233,7 @@ def init_model(ckpt_path, master):
         vocab = checkpoint['vocab']
         model = GPT(**checkpoint['model_args'])
         model.load_state_dict(checkpoint['model'])
-        for module in parts(freeze, model):  # what the transfer froze stays frozen
+        for module in parts(freeze, model):  # --freeze, the checkpoint's: still frozen
             module.requires_grad_(False)
         return model, checkpoint['model_args'], checkpoint
     if init_from != 'scratch':
