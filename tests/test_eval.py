@@ -183,7 +183,7 @@ def test_without_bwrap_the_guards_run_and_say_so(monkeypatch, capsys):
 
 
 @pytest.fixture
-def tiny_model(monkeypatch):
+def tiny_model(monkeypatch, gpt2_ranks):  # its text is GPT-2's tokens
     monkeypatch.setattr(ev, 'device', 'cpu')
     monkeypatch.setattr(ev, 'dtype', 'float32')
     monkeypatch.setattr(ev, 'batch_size', 3)
@@ -259,7 +259,7 @@ def test_perplexity_is_exp_of_the_mean_loss_and_bits_per_byte(tiny_model, tmp_pa
 
 
 @pytest.fixture
-def bench_dir(tmp_path):
+def bench_dir(tmp_path, gpt2_ranks):
     """A tiny checkpoint, and each benchmark fetched in its own format from a local server by prepare_data.py."""
     torch.manual_seed(0)
     model = nca_gpt.GPT(50304, n_layer=1, n_head=2, n_embd=32, block_size=512)
