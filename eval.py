@@ -926,7 +926,7 @@ def eval_nca(_):
     acceptance) and the patch tokens' frequency by rank. Its speed: tests/bench_nca.py."""
     g = nca_gpt
     cfg = g.data_config('nca')
-    keys, rules = g.candidate_rules(cfg, 'train', 0, 0, g.num_rules)
+    keys, rules = g.candidate_rules('train', 0, 0, g.num_rules, cfg)
     ratios = g.rule_complexity(rules, keys, cfg)
     in_band = (g.gzip_lower < ratios) & (ratios < g.gzip_upper)
     if not in_band.any():

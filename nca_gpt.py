@@ -91,9 +91,9 @@ def rule_nonlinearity(h):
     return h.relu_()
 
 
-def candidate_rules(cfg, split, which, first, count):
+def candidate_rules(split, which, first, count, cfg=NCAConfig()):
     """Candidates first .. first + count - 1 of rule set `which` -> keys (count,), rules
-    (count, P)."""
+    (count, P). cfg defaults to the paper's data, here and in rule_complexity and nca_sequences."""
     index = torch.arange(first, first + count, device=cfg.device)
     keys = make_key(cfg.seed, SPLITS[split], RULES, which, index)
     return keys, sample_rules(keys, cfg)
@@ -271,7 +271,7 @@ def gzip_ratio(tokens):
     return len(gzip.compress(raw, compresslevel=9, mtime=0)) / len(raw)
 
 
-def rule_complexity(rules, keys, cfg):
+def rule_complexity(rules, keys, cfg=NCAConfig()):
     """rules (R, P), keys (R,) -> (R,) gzip ratios of the patch tokens of the first gzip_frames
     frames. On a CPU 128 rules at a time: zlib's threads compress a part while the next one rolls
     out."""
@@ -292,7 +292,7 @@ def rule_set(cfg, split, which, chunk=2048):
     t0 = time.time()
     kept, ratios = [], []
     while sum(map(len, kept)) < count:
-        keys, rules = candidate_rules(cfg, split, which, chunk * len(kept), chunk)
+        keys, rules = candidate_rules(split, which, chunk * len(kept), chunk, cfg)
         ratio = rule_complexity(rules, keys, cfg).to(rules.device)
         kept.append(rules[(cfg.gzip_lower < ratio) & (ratio < cfg.gzip_upper)])
         ratios.append(ratio.cpu())
@@ -327,7 +327,7 @@ def rules_of_sequences(cfg, split, i):
     return torch.cat(rules)
 
 
-def nca_sequences(rules, keys, cfg):
+def nca_sequences(rules, keys, cfg=NCAConfig()):
     """rules (B, P), keys (B,) -> (B, block_size + 1) tokens: one rule and one initial grid per
     sequence."""
     n_frames = -(-(cfg.block_size + 1) // frame_len(cfg))  # 27 frames at the defaults

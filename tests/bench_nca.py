@@ -55,7 +55,7 @@ def main():
                 print(f"{dev:<6} {'  -> 164M tokens in':<34} {164e6 / (B * nca_gpt.block_size / sec):>14.1f} s")
 
         def filter_once(i=0):
-            keys, rules = nca_gpt.candidate_rules(cfg, 'train', 1 + i, 0, n_filter)
+            keys, rules = nca_gpt.candidate_rules('train', 1 + i, 0, n_filter, cfg)
             nca_gpt.rule_complexity(rules, keys, cfg)
         sec = timed(filter_once, repeats)
         print(f"{dev:<6} {f'filter, {n_filter} candidates':<34} {n_filter / sec:>9,.0f} rules/s")

@@ -95,7 +95,7 @@ for line in sys.stdin:
     n, seed, got, ratios = int(n), int(seed), 0, []
     t0 = time.perf_counter()
     for first in range(0, n, 2048 if what == 'filter' else 32):
-        keys, rules = m.candidate_rules(cfg, 'train', seed, first, min(n - first, 2048 if what == 'filter' else 32))
+        keys, rules = m.candidate_rules('train', seed, first, min(n - first, 2048 if what == 'filter' else 32), cfg)
         if what == 'filter':
             ratios.append(m.rule_complexity(rules, keys, cfg))
             got += len(rules)

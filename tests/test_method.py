@@ -45,7 +45,7 @@ def message(excinfo):
 # ---- 1. the rule network written plainly is the fast rollout -------------------------------------------------
 def rules_and_grids(nca, R, n, first=0):
     nca.n_states = n
-    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, first, R)
+    keys, rules = nca.candidate_rules('train', 0, first, R, nca.data_config('nca'))
     grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), n, nca.grid)
     return nca.unpack_rules(rules, nca.data_config('nca')), grid0, nca.make_key(keys, nca.NOISE)
 
@@ -173,17 +173,17 @@ def count_calls(nca, monkeypatch, most):
     calls = []
     real = nca.candidate_rules
 
-    def counted(cfg, split, rule_set, first, count):
+    def counted(split, rule_set, first, count, cfg):
         calls.append(first)
         if len(calls) > most:
             raise AssertionError(f"still drawing candidates after {len(calls) - 1} chunks: no early stop")
-        return real(cfg, split, rule_set, first, count)
+        return real(split, rule_set, first, count, cfg)
     monkeypatch.setattr(nca, 'candidate_rules', counted)
     return calls
 
 
 def test_rare_band_stops_early_with_rate_time_and_quantiles(nca, monkeypatch):
-    ratios = nca.rule_complexity(*reversed(nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 2048)), nca.data_config('nca')).numpy()
+    ratios = nca.rule_complexity(*reversed(nca.candidate_rules('train', 0, 0, 2048, nca.data_config('nca'))), nca.data_config('nca')).numpy()
     first = ratios[:1024]  # the candidates the first 4 chunks of 256 try
     top = np.unique(first)[::-1]
     nca.gzip_lower = float((top[2] + top[3]) / 2)   # the 3 highest ratios (and their ties): ~0.3% of them
@@ -211,7 +211,7 @@ def test_empty_band_reports_the_quantiles_of_all_candidates(nca, monkeypatch):
         nca.rule_set(nca.data_config('nca'), 'train', 0, chunk=32)
     msg = message(e)
     assert 'kept no rule' in msg and len(calls) == 20, (msg, calls)
-    tried = nca.rule_complexity(*reversed(nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 32 * 20)), nca.data_config('nca')).numpy()
+    tried = nca.rule_complexity(*reversed(nca.candidate_rules('train', 0, 0, 32 * 20, nca.data_config('nca'))), nca.data_config('nca')).numpy()
     assert quantile_text(tried) in msg, msg
     assert quantile_text(tried[-32:]) != quantile_text(tried)
 

@@ -16,7 +16,7 @@ import eval as ev  # noqa: E402
 
 
 def small_rollout(nca, R=6, steps=5, temperature=0.0, first=0):
-    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, first, R)
+    keys, rules = nca.candidate_rules('train', 0, first, R, nca.data_config('nca'))
     grid0 = nca.initial_grids(nca.make_key(keys, nca.GRID), nca.n_states, nca.grid)
     return rules, grid0, keys, nca.rollout(nca.unpack_rules(rules, nca.data_config('nca')), grid0, steps, keys, temperature)
 
@@ -28,7 +28,7 @@ def test_shapes_and_ranges(nca):
     assert frames.min() >= 0 and frames.max() < nca.n_states
     assert torch.equal(frames[:, 0], grid0)
     # lecun normal truncated at 2 std: the 3x3 conv's fan-in is 9 * 10
-    conv1 = nca.unpack_rules(nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 4096)[1], nca.data_config('nca'))[0]
+    conv1 = nca.unpack_rules(nca.candidate_rules('train', 0, 0, 4096, nca.data_config('nca'))[1], nca.data_config('nca'))[0]
     assert abs(conv1.std().item() - (1 / 90) ** 0.5) < 0.003
     assert conv1.abs().max().item() <= 2 * (1 / 90) ** 0.5 / 0.8796 + 1e-6
     tokens = nca.tokenize(frames, nca.n_states, nca.patch)
@@ -81,7 +81,7 @@ def test_rollout_draws_every_cell_as_the_plain_rollout(nca, temperature, identit
     """The batched rollout (one index_select and one embedding_bag a step for all rules) must give the states of
     the plain step-by-step rollout bit for bit, exact ties included (tie: state 1's logits are state 0's)."""
     nca.n_states, nca.grid = n, size
-    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 512)
+    keys, rules = nca.candidate_rules('train', 0, 0, 512, nca.data_config('nca'))
     if tie:
         w3 = rules[:, -16 * n:].view(-1, n, 16)
         w3[:, 1] = w3[:, 0]
@@ -147,7 +147,7 @@ def test_gzip_ratio_of_known_bytes(nca):
 
 def test_rejection_sampling_keeps_the_in_band_candidates_in_order(nca):
     nca.gzip_lower, nca.gzip_upper = 0.3, 0.5
-    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 256)
+    keys, rules = nca.candidate_rules('train', 0, 0, 256, nca.data_config('nca'))
     ratio = nca.rule_complexity(rules, keys, nca.data_config('nca'))
     expected = rules[(0.3 < ratio) & (ratio < 0.5)][:20]
     assert 20 < ((0.3 < ratio) & (ratio < 0.5)).sum() < 200
@@ -163,7 +163,7 @@ def test_gzip_ratios_match_the_authors_generator(nca):
     """The authors' generator, 1024 random rules: median 0.49, quartiles 0.28 / 0.57, 46% in 0.5-1.0,
     10% in 0.3-0.4. Tolerances are a few standard errors of 1024 samples (the lower quartile sits on a
     steep part of the distribution and moves +-0.04 between seeds)."""
-    keys, rules = nca.candidate_rules(nca.data_config('nca'), 'train', 0, 0, 1024)
+    keys, rules = nca.candidate_rules('train', 0, 0, 1024, nca.data_config('nca'))
     r = nca.rule_complexity(rules, keys, nca.data_config('nca')).numpy()
     q25, q50, q75 = np.quantile(r, [0.25, 0.5, 0.75])
     assert abs(q50 - 0.49) < 0.03 and abs(q75 - 0.57) < 0.02 and abs(q25 - 0.28) < 0.07
