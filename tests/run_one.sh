@@ -13,7 +13,9 @@ one() {  # run one line of runs(), unless done or running elsewhere; a stage-2 r
     flags="$flags --init_from=$from"
   fi
   rm -f "$dir/failed"
-  if OMP_NUM_THREADS=1 $PY nca_gpt.py $flags --out_dir="$dir" > "$dir/stdout" 2>&1; then touch "$dir/done"; echo "done $dir"
+  # a run stopped part-way continues from its last checkpoint, with its own settings, as if it had never stopped
+  [ -f "$dir/ckpt.pt" ] && flags="--init_from=resume"
+  if OMP_NUM_THREADS=1 $PY nca_gpt.py $flags --out_dir="$dir" >> "$dir/stdout" 2>&1; then touch "$dir/done"; echo "done $dir"
   else touch "$dir/failed"; echo "FAILED $dir (see $dir/stdout)"; fi
 }
 export -f one; export PY

@@ -1,43 +1,49 @@
 #!/usr/bin/env bash
-# Best against best (docs/study.md, "Tuned"): every arm at its own tuned settings, chosen on seeds 1-2 and reported
-# on held-out seeds, paired by seed; then the chosen settings over model sizes. The protocol, fixed before any run
-# was looked at:
+# Best against best at every size (docs/study.md, "Tuned"): every arm at its own tuned settings, chosen on seeds 1-2
+# and reported on held-out seeds, paired by seed, at each model size. The protocol, fixed before any run was looked at:
 #   - stage 2 is the study's (recipe B: 800 updates of 8 x 256 pystdlib bytes, warm-up 80, cosine to lr / 10, weight
-#     decay 0.1) under the project's recipe; its peak learning rate is tuned per arm over STAGE2_LRS
+#     decay 0.1) under the project's recipe, the same tokens at every size
 #   - NCA's stage 1 (regime b's data: 2-state rules, band 0.1-1.0, 4 x 512 tokens an update, stopped at the peak)
-#     is tuned over S1_LRS x S1_ITERS, each cell scored by its stage-2 result at lr 1e-3 (the study's); NCA's
-#     stage-2 lr is then tuned at the chosen cell
-#   - choice: the lowest mean final validation loss over seeds 1-2; then the chosen settings on HELDOUT seeds, scratch
-#     against NCA and against NCA's shuffled control at NCA's settings, each paired by seed (eval.py compare)
-#   - size: the settings chosen at width 128 (not tuned again), scratch against NCA at each SIZES shape and its
-#     seeds, the same stage-2 tokens at every size; the gap against non-embedding parameters (eval.py trend)
+#     is chosen at SHAPE over S1_LRS x S1_ITERS, each cell scored by its stage-2 result at lr 1e-3 (grid), and kept
+#     at every size
+#   - at each SIZES shape, scratch's and NCA's stage-2 peak lr are tuned over LRS_<shape>, a grid a factor 2 apart,
+#     widened by one value while an arm's best sits at an edge (at most WIDEN times) (lrs)
+#   - choice: the lowest mean final validation loss over seeds 1-2
+#   - then each shape's tuned lrs on its held-out seeds (SIZES), scratch against NCA and against NCA's shuffled
+#     control at NCA's settings, paired by seed (heldout); and, beside them, the lrs tuned at SHAPE carried to every
+#     size untuned (untuned); the gap against non-embedding parameters, tuned and untuned (eval.py trend)
 #
-#   bash tests/tune.sh tune        # the tuning runs (seeds 1-2), then the choice -> OUT/chosen.env and its table
-#   bash tests/tune.sh nca_lr      # tune's second half alone: NCA's stage-2 lr at the chosen stage 1
-#   bash tests/tune.sh heldout     # the chosen settings on the held-out seeds, then the tables
-#   bash tests/tune.sh size        # the chosen settings over SIZES, then the trend
-#   bash tests/tune.sh all         # the four in turn: the whole study, one command
-#   bash tests/tune.sh --list PHASE  # only print a phase's runs (grid: tune's first half)
-#   SHAPE=small bash tests/tune.sh --flops   # the same study at GPT-2 small's shape: its runs, FLOPs and H100 hours
+#   bash tests/tune.sh grid       # stage 1's cell at SHAPE (seeds 1-2) -> OUT/chosen.env
+#   bash tests/tune.sh lrs        # each arm's stage-2 lr at each size (seeds 1-2) -> OUT/lrs-SHAPE.env
+#   bash tests/tune.sh heldout    # the tuned lrs on each size's held-out seeds, then the tables
+#   bash tests/tune.sh untuned    # SHAPE's lrs at every size, then the trend, tuned beside untuned
+#   bash tests/tune.sh all        # the four in turn: the whole study, one command
+#   bash tests/tune.sh --list PHASE   # only print a phase's runs (as far as the choices so far allow)
+#   bash tests/tune.sh --flops        # the study's training FLOPs and their time on one H100
+#   SHAPE=small SIZES="small:3 4" bash tests/tune.sh all   # the same study at GPT-2 small's shape, on a GPU
 #
-# A finished run (out_dir/done) is skipped, so a killed phase continues where it stopped; JOBS runs at a time.
+# A finished run (out_dir/done) is skipped and a stopped one resumes from its checkpoint, so a killed phase
+# continues where it stopped; JOBS runs at a time; two harnesses given the same run run it once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out-tune}
 JOBS=${JOBS:-2}
 PY=${PY:-python}
 TUNE_SEEDS=${TUNE_SEEDS:-1 2}
-HELDOUT=${HELDOUT:-3 4 5 6}
 S1_LRS=${S1_LRS:-3e-4 1e-3 3e-3}
 S1_ITERS=${S1_ITERS:-100 300 1000}
-STAGE2_LRS=${STAGE2_LRS:-5e-4 1e-3 2e-3}
-SHAPE=${SHAPE:-tiny}  # the shape of tune and heldout (one of SIZES' shapes, or small: GPT-2 small's 12 x 768)
+SHAPE=${SHAPE:-tiny}  # where stage 1 is chosen and the untuned lrs come from
+# each shape's held-out seeds: SHAPE:SEEDS, comma-separated; tiny is the study's 2 layers at width 128, wN width N,
+# d4 four layers at width 128, small GPT-2 small's 12 x 768
+SIZES=${SIZES:-tiny:3 4 5 6,d4:3 4 5 6,w256:3 4 5 6,w512:3 4}
+WIDEN=${WIDEN:-2}
+# the stage-2 lrs first tried at each shape: width 128's optimum in the middle; width 512 a step cooler, as it wants
+LRS_tiny=${LRS_tiny:-5e-4 1e-3 2e-3}
+LRS_d4=${LRS_d4:-5e-4 1e-3 2e-3}
+LRS_w256=${LRS_w256:-5e-4 1e-3 2e-3}
+LRS_w512=${LRS_w512:-2.5e-4 5e-4 1e-3}
+LRS_small=${LRS_small:-1.5e-4 3e-4 6e-4}
 CONTROL=${CONTROL-shuffled}  # the held-out phase's control arm ('' leaves it out)
-# heldout and size also run NCA's stage 2 at this lr from the same stage 1s (arm ncaLR; '' or the chosen lr: none):
-# does the lr chosen at width 128 carry over to the other sizes?
-ALSO_NCA_LR=${ALSO_NCA_LR-1e-3}
-# size: SHAPE:SEEDS, comma-separated; tiny is the study's 2 layers at width 128, wN width N, d4 four layers
-SIZES=${SIZES:-tiny:3 4 5 6,w256:3 4 5 6,d4:3 4 5 6,w512:3 4}
 
 dims() {  # dims SHAPE: its layers, heads and width
   case "$1" in
@@ -57,9 +63,10 @@ model() {  # model SHAPE: its flags
   echo "--preset=$preset --n_layer=$l --n_head=$h --n_embd=$c --eval_iters=8"
 }
 
-s1() {  # s1 SHAPE: stage 1's flags
-  echo "$(model "$1") --stage=nca --block_size=512 --batch_size=4 --n_states=2 --gzip_lower=0.1 --gzip_upper=1.0 \
---stop_at_peak=true --eval_interval=100 --pad_vocab=64"
+s1() {  # s1 SHAPE OUT_DIR LR ITERS SEED SHUFFLE: the run line of a stage-1 run
+  echo "$2|-|$(model "$1") --stage=nca --block_size=512 --batch_size=4 --n_states=2 --gzip_lower=0.1 \
+--gzip_upper=1.0 --stop_at_peak=true --eval_interval=100 --pad_vocab=64 --learning_rate=$3 --max_iters=$4 \
+--seed=$5 --nca_shuffle=$6"
 }
 
 stage2() {  # stage2 SHAPE OUT_DIR FROM LR SEED: the run line of a stage-2 run (min_lr: a tenth of the peak, recipe B)
@@ -68,61 +75,77 @@ stage2() {  # stage2 SHAPE OUT_DIR FROM LR SEED: the run line of a stage-2 run (
 --warmup_iters=80 --lr_decay_iters=800 --weight_decay=0.1 --eval_interval=50 --learning_rate=$4 --min_lr=$min --seed=$5"
 }
 
-chosen() {  # the choice so far, from OUT/chosen.env
-  [ -f "$OUT/chosen.env" ] || { echo "no $OUT/chosen.env: run \`bash tests/tune.sh tune\` first" >&2; exit 2; }
+chosen() {  # stage 1's cell, from OUT/chosen.env
+  [ -f "$OUT/chosen.env" ] || { echo "no $OUT/chosen.env: run \`bash tests/tune.sh grid\` first" >&2; exit 2; }
   . "$OUT/chosen.env"
 }
 
-held() {  # held SHAPE "SEEDS" "ARMS": the chosen settings at SHAPE, scratch and each of ARMS (nca, shuffled)
-  local s a shuffle
-  for s in $2; do for a in $3; do
-    shuffle=false; [ "$a" = shuffled ] && shuffle=true
-    echo "$OUT/held-$1-s1-$a-s$s|-|$(s1 "$1") --learning_rate=$NCA_S1_LR --max_iters=$NCA_S1_ITERS --seed=$s \
---nca_shuffle=$shuffle"
-  done; done
-  for s in $2; do
-    stage2 "$1" "$OUT/held-$1-scratch-s$s" - "$SCRATCH_LR" "$s"
-    for a in $3; do stage2 "$1" "$OUT/held-$1-$a-s$s" "$OUT/held-$1-s1-$a-s$s" "$NCA_LR" "$s"; done
-    if [ -n "$ALSO_NCA_LR" ] && [ "$ALSO_NCA_LR" != "$NCA_LR" ]; then
-      stage2 "$1" "$OUT/held-$1-nca$ALSO_NCA_LR-s$s" "$OUT/held-$1-s1-nca-s$s" "$ALSO_NCA_LR" "$s"
-    fi
+s1_dir() { echo "$OUT/s1-$1-$2-lr$NCA_S1_LR-it$NCA_S1_ITERS-s$3"; }  # s1_dir SHAPE ARM SEED: the chosen stage 1
+s2_dir() { echo "$OUT/s2-$1-$2-lr$3-s$4"; }                          # s2_dir SHAPE ARM LR SEED
+
+arm_runs() {  # arm_runs SHAPE ARM LR "SEEDS": ARM's stage 2 at LR (NCA's arms after their stage 1s)
+  local s shuffle=false
+  [ "$2" = shuffled ] && shuffle=true
+  if [ "$2" != scratch ]; then
+    for s in $4; do s1 "$1" "$(s1_dir "$1" "$2" "$s")" "$NCA_S1_LR" "$NCA_S1_ITERS" "$s" "$shuffle"; done
+  fi
+  for s in $4; do
+    local from=-
+    [ "$2" != scratch ] && from=$(s1_dir "$1" "$2" "$s")
+    stage2 "$1" "$(s2_dir "$1" "$2" "$3" "$s")" "$from" "$3" "$s"
   done
 }
 
-nca_lr_dir() {  # nca_lr_dir LR SEED: NCA's stage 2 at the chosen stage 1 (at 1e-3: the grid's cell)
-  if [ "$1" = 1e-3 ]; then echo "$OUT/nca-lr$NCA_S1_LR-it$NCA_S1_ITERS-s$2"
-  else echo "$OUT/nca-s2lr$1-lr$NCA_S1_LR-it$NCA_S1_ITERS-s$2"; fi
+grid_now() {  # grid_now SHAPE ARM: the lrs tried so far (LRS_<shape>, and each widening, in OUT/lrs-SHAPE.grid)
+  local name="LRS_$1"
+  [ -n "${!name:-}" ] || { echo "no LRS_$1: give its first stage-2 lrs, e.g. LRS_$1=\"5e-4 1e-3 2e-3\"" >&2; exit 2; }
+  echo "${!name}"
+  [ -f "$OUT/lrs-$1.grid" ] && sed -n "s/^$2 //p" "$OUT/lrs-$1.grid"
+  return 0
 }
 
+tuned() {  # tuned SHAPE: SCRATCH_LR and NCA_LR chosen at SHAPE, from OUT/lrs-SHAPE.env
+  [ -f "$OUT/lrs-$1.env" ] || { echo "no $OUT/lrs-$1.env: run \`bash tests/tune.sh lrs\` first" >&2; exit 2; }
+  . "$OUT/lrs-$1.env"
+}
+
+shapes() { IFS=, read -r -a sizes <<< "$SIZES"; for x in "${sizes[@]}"; do echo "${x%%:*}"; done; }
+seeds_of() { IFS=, read -r -a sizes <<< "$SIZES"; for x in "${sizes[@]}"; do [ "${x%%:*}" = "$1" ] && echo "${x#*:}"; done; }
+
 runs() {  # runs PHASE: one line per run: out_dir|the stage-1 out_dir it starts from (or -)|flags
-  local s lr it shape seeds
+  local s lr it shape
   case "$1" in
     grid)
       for s in $TUNE_SEEDS; do for lr in $S1_LRS; do for it in $S1_ITERS; do
-        echo "$OUT/s1-nca-lr$lr-it$it-s$s|-|$(s1 "$SHAPE") --learning_rate=$lr --max_iters=$it --seed=$s"
+        s1 "$SHAPE" "$OUT/grid-s1-lr$lr-it$it-s$s" "$lr" "$it" "$s" false
       done; done; done
       for s in $TUNE_SEEDS; do
-        for lr in $STAGE2_LRS; do stage2 "$SHAPE" "$OUT/scratch-lr$lr-s$s" - "$lr" "$s"; done
+        for lr in $(grid_now "$SHAPE" scratch); do stage2 "$SHAPE" "$(s2_dir "$SHAPE" scratch "$lr" "$s")" - "$lr" "$s"; done
         for lr in $S1_LRS; do for it in $S1_ITERS; do
-          stage2 "$SHAPE" "$OUT/nca-lr$lr-it$it-s$s" "$OUT/s1-nca-lr$lr-it$it-s$s" 1e-3 "$s"
+          stage2 "$SHAPE" "$OUT/grid-nca-lr$lr-it$it-s$s" "$OUT/grid-s1-lr$lr-it$it-s$s" 1e-3 "$s"
         done; done
       done ;;
-    nca_lr)  # the chosen stage-1 runs (done already after the grid) and NCA's stage 2 at each lr
+    lrs)
       chosen
-      for s in $TUNE_SEEDS; do
-        echo "$OUT/s1-nca-lr$NCA_S1_LR-it$NCA_S1_ITERS-s$s|-|$(s1 "$SHAPE") --learning_rate=$NCA_S1_LR \
---max_iters=$NCA_S1_ITERS --seed=$s"
-      done
-      for s in $TUNE_SEEDS; do for lr in $STAGE2_LRS; do
-        stage2 "$SHAPE" "$(nca_lr_dir "$lr" "$s")" "$OUT/s1-nca-lr$NCA_S1_LR-it$NCA_S1_ITERS-s$s" "$lr" "$s"
-      done; done ;;
-    heldout) chosen; held "$SHAPE" "$HELDOUT" "nca $CONTROL" ;;
-    size)
+      for shape in $(shapes); do for arm in scratch nca; do for lr in $(grid_now "$shape" $arm); do
+        arm_runs "$shape" $arm "$lr" "$TUNE_SEEDS"
+      done; done; done ;;
+    heldout)
       chosen
-      IFS=, read -r -a sizes <<< "$SIZES"
-      for shape in "${sizes[@]}"; do held "${shape%%:*}" "${shape#*:}" nca; done ;;
-    *) echo "no phase $1: grid, nca_lr, heldout or size" >&2; exit 2 ;;
-  esac
+      for shape in $(shapes); do
+        tuned "$shape"
+        arm_runs "$shape" scratch "$SCRATCH_LR" "$(seeds_of "$shape")"
+        for arm in nca $CONTROL; do arm_runs "$shape" $arm "$NCA_LR" "$(seeds_of "$shape")"; done
+      done ;;
+    untuned)
+      chosen
+      tuned "$SHAPE"
+      for shape in $(shapes); do
+        arm_runs "$shape" scratch "$SCRATCH_LR" "$(seeds_of "$shape")"
+        arm_runs "$shape" nca "$NCA_LR" "$(seeds_of "$shape")"
+      done ;;
+    *) echo "no phase $1: grid, lrs, heldout or untuned" >&2; exit 2 ;;
+  esac | awk -F'|' '!seen[$1]++'  # a run two arms list (a stage 1) once
 }
 
 . tests/run_one.sh  # one(): a run of the list, unless done; a stage 2 waits for its stage 1
@@ -132,94 +155,112 @@ import json, os
 def final(d):
     rows = [json.loads(line) for line in open(os.path.join(d, "log.jsonl"))]
     return [r["val_loss"] for r in rows if "val_loss" in r][-1]
+def mean(dirs):
+    return sum(final(d) for d in dirs) / len(dirs)
 '
 
-choose() {  # the protocol's choice of the grid, from its runs' logs -> OUT/chosen.env (NCA's stage-2 lr: 1e-3 so far)
-  $PY - "$OUT" "$S1_LRS" "$S1_ITERS" "$STAGE2_LRS" "$TUNE_SEEDS" <<EOF
+choose_cell() {  # the grid's choice of stage 1, from its runs' logs -> OUT/chosen.env
+  $PY - "$OUT" "$S1_LRS" "$S1_ITERS" "$TUNE_SEEDS" "$(s2_dir "$SHAPE" scratch 1e-3 '')" <<EOF
 $final_loss
 import sys
-out, s1_lrs, s1_iters, lrs, seeds = sys.argv[1], *(a.split() for a in sys.argv[2:])
-def mean(name):
-    return sum(final(f"{out}/{name}-s{s}") for s in seeds) / len(seeds)
-scratch = {lr: mean(f"scratch-lr{lr}") for lr in lrs}
-nca = {(lr, it): mean(f"nca-lr{lr}-it{it}") for lr in s1_lrs for it in s1_iters}
-print("final validation loss (nats per byte), mean over seeds " + ', '.join(seeds))
-for lr, v in scratch.items():
-    print(f"  scratch, stage-2 lr {lr}: {v:.4f}")
+out, s1_lrs, s1_iters, seeds, scratch = sys.argv[1], *(a.split() for a in sys.argv[2:5]), sys.argv[5]
+base = mean([scratch + s for s in seeds])
+nca = {(lr, it): mean([f"{out}/grid-nca-lr{lr}-it{it}-s{s}" for s in seeds]) for lr in s1_lrs for it in s1_iters}
+print(f"final validation loss (nats per byte), mean over seeds {', '.join(seeds)}; scratch at 1e-3: {base:.4f}")
 for (lr, it), v in nca.items():
-    print(f"  NCA, stage 1 at lr {lr} for {it} updates (stage 2 at 1e-3): {v:.4f}  (minus scratch at 1e-3: "
-          f"{v - scratch['1e-3']:+.4f})")
-best_scratch = min(scratch, key=scratch.get)
-best_nca = min(nca, key=nca.get)
-print(f"chosen: scratch at lr {best_scratch}; NCA's stage 1 at lr {best_nca[0]} for {best_nca[1]} updates")
-with open(f"{out}/chosen.env", 'w') as f:
-    f.write(f"SCRATCH_LR={best_scratch}\nNCA_S1_LR={best_nca[0]}\nNCA_S1_ITERS={best_nca[1]}\nNCA_LR=1e-3\n")
+    print(f"  NCA, stage 1 at lr {lr} for {it} updates (stage 2 at 1e-3): {v:.4f}  ({v - base:+.4f})")
+lr, it = min(nca, key=nca.get)
+print(f"chosen: NCA's stage 1 at lr {lr} for {it} updates")
+with open(f"{out}/chosen.env.tmp", 'w') as f:
+    f.write(f"NCA_S1_LR={lr}\nNCA_S1_ITERS={it}\n")
+os.replace(f"{out}/chosen.env.tmp", f"{out}/chosen.env")
 EOF
 }
 
-choose_lr() {  # NCA's stage-2 lr at the chosen stage 1, from its runs' logs -> NCA_LR in OUT/chosen.env
-  local cells='' lr
+widen() {  # widen SHAPE: each arm's best lr so far; one value more where it sits at an edge, else the choice
+  # -> OUT/lrs-SHAPE.grid (the widenings), OUT/lrs-SHAPE.env (the choice, once no arm needs widening); prints
+  # "widened" if it widened
   chosen
-  for lr in $STAGE2_LRS; do cells="$cells $lr=$(nca_lr_dir "$lr" '')"; done
-  $PY - "$OUT/chosen.env" "$TUNE_SEEDS" $cells <<EOF
+  local cells='' arm lr
+  for arm in scratch nca; do for lr in $(grid_now "$1" $arm); do
+    cells="$cells $arm=$lr=$(s2_dir "$1" $arm "$lr" '')"
+  done; done
+  $PY - "$OUT/lrs-$1" "$TUNE_SEEDS" "$WIDEN" $cells <<EOF
 $final_loss
 import sys
-env, seeds, cells = sys.argv[1], sys.argv[2].split(), [a.split('=') for a in sys.argv[3:]]
-means = {lr: sum(final(prefix + s) for s in seeds) / len(seeds) for lr, prefix in cells}
-for lr, v in means.items():
-    print(f"  NCA at the chosen stage 1, stage-2 lr {lr}: {v:.4f}")
-best = min(means, key=means.get)
-print(f"chosen: NCA's stage 2 at lr {best}")
-lines = [line for line in open(env) if not line.startswith('NCA_LR=')]
-with open(env + '.tmp', 'w') as f:
-    f.writelines(lines + [f"NCA_LR={best}\n"])
-os.replace(env + '.tmp', env)
+stem, seeds, most, cells = sys.argv[1], sys.argv[2].split(), int(sys.argv[3]), [a.split('=') for a in sys.argv[4:]]
+def at(arm):
+    return {float(lr): (lr, mean([prefix + s for s in seeds])) for a, lr, prefix in cells if a == arm}
+def text(x):  # 2.5e-4, 1e-3: the grid's spelling
+    m, e = f"{x:e}".split('e')
+    return f"{float(m):g}e{int(e)}"
+grid = open(stem + '.grid').read().splitlines() if os.path.exists(stem + '.grid') else []
+chosen, added = {}, []
+for arm in ('scratch', 'nca'):
+    means = at(arm)
+    lrs = sorted(means)
+    for x in lrs:
+        print(f"  {arm}, stage-2 lr {means[x][0]}: {means[x][1]:.4f}")
+    best = min(lrs, key=lambda x: means[x][1])
+    widened = sum(line.startswith(arm + ' ') for line in grid)
+    edge = {lrs[0]: best / 2, lrs[-1]: best * 2}.get(best) if len(lrs) > 1 else None
+    if edge is not None and widened < most:
+        added.append(f"{arm} {text(edge)}")
+        print(f"  {arm}: the best, {means[best][0]}, sits at the grid's edge: widened to {text(edge)}")
+    else:
+        chosen[arm] = means[best][0]
+        note = ' (at an edge: the widenings are spent)' if edge is not None else ''
+        print(f"  {arm}: chosen lr {means[best][0]}{note}")
+if added:
+    with open(stem + '.grid.tmp', 'w') as f:
+        f.write(''.join(line + '\n' for line in grid + added))
+    os.replace(stem + '.grid.tmp', stem + '.grid')
+    print('widened')
+else:
+    with open(stem + '.env.tmp', 'w') as f:
+        f.write(f"SCRATCH_LR={chosen['scratch']}\nNCA_LR={chosen['nca']}\n")
+    os.replace(stem + '.env.tmp', stem + '.env')
 EOF
 }
 
-tables() {
-  local arms='' lr it shape
-  case "$1" in
-    grid)
-      arms="scratch=$OUT/scratch-lr1e-3-s*"
-      for lr in $S1_LRS; do for it in $S1_ITERS; do arms="$arms,nca-$lr-$it=$OUT/nca-lr$lr-it$it-s[0-9]"; done; done
-      $PY eval.py compare --runs="$arms" --baseline=scratch --out="$OUT/compare-tune.json" || true
-      $PY eval.py grid --runs="scratch=$OUT/scratch-lr1e-3-s*,nca=$OUT/nca-lr*-it*-s[0-9]" --out="$OUT/grid.json" \
-        --png="$OUT/grid.png" || true ;;
-    heldout)
-      arms="scratch=$OUT/held-$SHAPE-scratch-s*,nca=$OUT/held-$SHAPE-nca-s*"
-      [ -n "$CONTROL" ] && arms="$arms,$CONTROL=$OUT/held-$SHAPE-$CONTROL-s*"
-      chosen
-      if [ -n "$ALSO_NCA_LR" ] && [ "$ALSO_NCA_LR" != "$NCA_LR" ]; then
-        arms="$arms,nca$ALSO_NCA_LR=$OUT/held-$SHAPE-nca$ALSO_NCA_LR-s*"
-      fi
-      $PY eval.py compare --runs="$arms" --baseline=scratch --out="$OUT/compare-heldout-$SHAPE.json" \
-        --png="$OUT/compare-heldout-$SHAPE.png" || true ;;
-    size)
-      IFS=, read -r -a sizes <<< "$SIZES"
-      for shape in "${sizes[@]}"; do arms="$arms,$OUT/held-${shape%%:*}-ARM-s*"; done
-      $PY eval.py trend --runs="${arms#,}" --out="$OUT/trend.json" --png="$OUT/trend.png" || true
-      chosen
-      if [ -n "$ALSO_NCA_LR" ] && [ "$ALSO_NCA_LR" != "$NCA_LR" ]; then
-        $PY eval.py trend --runs="${arms#,}" --arms="scratch,nca$ALSO_NCA_LR" --out="$OUT/trend-nca$ALSO_NCA_LR.json" \
-          --png="$OUT/trend-nca$ALSO_NCA_LR.png" || true
-      fi ;;
-  esac
+views() {  # views WHICH SHAPE SCRATCH_LR NCA_LR: OUT/WHICH/SHAPE-ARM-sSEED, links to the runs a table reads
+  local s arm lr
+  mkdir -p "$OUT/$1"
+  for s in $(seeds_of "$2"); do for arm in scratch nca $CONTROL; do
+    lr=$4; [ $arm = scratch ] && lr=$3
+    [ "$1" = untuned ] && [ "$arm" = "$CONTROL" ] && continue
+    ln -sfn "../$(basename "$(s2_dir "$2" $arm "$lr" "$s")")" "$OUT/$1/$2-$arm-s$s"
+  done; done
 }
 
-flops() {  # the study's training FLOPs (tune, heldout at SHAPE; size over SIZES), and their time on one H100 at 40%
+tables() {  # tables heldout|untuned: each size's compare table, and the trend over sizes
+  local shape arms trend_runs='' which=$1
+  chosen
+  for shape in $(shapes); do
+    tuned "$shape"
+    views heldout "$shape" "$SCRATCH_LR" "$NCA_LR"
+    trend_runs="$trend_runs,$OUT/$which/$shape-ARM-s*"
+    if [ "$which" = untuned ]; then tuned "$SHAPE"; views untuned "$shape" "$SCRATCH_LR" "$NCA_LR"; continue; fi
+    arms="scratch=$OUT/heldout/$shape-scratch-s*,nca=$OUT/heldout/$shape-nca-s*"
+    [ -n "$CONTROL" ] && arms="$arms,$CONTROL=$OUT/heldout/$shape-$CONTROL-s*"
+    $PY eval.py compare --runs="$arms" --baseline=scratch --out="$OUT/compare-heldout-$shape.json" || true
+  done
+  trend_runs=${trend_runs#,}
+  [ "$which" = untuned ] && trend_runs="tuned=${trend_runs//untuned\//heldout/};untuned=$trend_runs"
+  $PY eval.py trend --runs="$trend_runs" --out="$OUT/trend-$which.json" --png="$OUT/trend-$which.png" || true
+}
+
+flops() {  # the study's training FLOPs, phase by phase, and their time on one H100 at 40% of its bf16 peak
   local shape sizes_dims=''
-  IFS=, read -r -a sizes <<< "$SIZES"
-  for shape in "${sizes[@]}"; do sizes_dims="$sizes_dims${shape%%:*}:$(dims "${shape%%:*}"):${shape#*:},"; done
-  $PY - "$SHAPE" "$(dims "$SHAPE")" "$S1_LRS" "$S1_ITERS" "$TUNE_SEEDS" "$STAGE2_LRS" "$HELDOUT" "$sizes_dims" \
-    "$ALSO_NCA_LR" <<'EOF'
+  for shape in $(shapes); do sizes_dims="$sizes_dims$shape:$(dims "$shape"):$(seeds_of "$shape"):$(grid_now "$shape" nca),"; done
+  $PY - "$SHAPE" "$(dims "$SHAPE")" "$S1_LRS" "$S1_ITERS" "$TUNE_SEEDS" "$sizes_dims" "$WIDEN" <<'EOF'
 import sys
 import torch
 import nca_gpt
 name, dims = sys.argv[1:3]
-s1_lrs, s1_iters, seeds, lrs, held = [a.split() for a in sys.argv[3:8]]
-sizes = [item.split(':') for item in sys.argv[8].split(',') if item]
-arms = 3 if sys.argv[9] else 2  # stage-2 runs a seed: scratch, NCA, and NCA at ALSO_NCA_LR
+s1_lrs, s1_iters, seeds = [a.split() for a in sys.argv[3:6]]
+sizes = [item.split(':') for item in sys.argv[6].split(',') if item]
+widen = int(sys.argv[7])
 def per_token(dims, vocab, T):
     L, H, C = map(int, dims.split())
     with torch.device('meta'):
@@ -228,17 +269,18 @@ def stage1(dims, it):  # 2-state NCA: 18 tokens, padded to 64
     return it * 4 * 512 * per_token(dims, 64, 512)
 def stage2(dims):  # pystdlib bytes: 257 tokens, padded to 320
     return 800 * 8 * 256 * per_token(dims, 320, 256)
-longest = max(int(it) for it in s1_iters)
+longest = max(int(it) for it in s1_iters)  # stage 1 at its longest, where the choice is not made yet
 grid = len(seeds) * (sum(stage1(dims, int(it)) for it in s1_iters) * len(s1_lrs)
-                     + stage2(dims) * (len(lrs) + len(s1_lrs) * len(s1_iters)))
-nca_lr = len(seeds) * stage2(dims) * (len(lrs) - 1)
-heldout = len(held) * ((arms + 1) * stage2(dims) + 2 * stage1(dims, longest))
-size = sum(len(s.split()) * (arms * stage2(d) + stage1(d, longest)) for _, d, s in sizes)
-rows = [(f'tune at {name}: the grid', grid), (f"tune at {name}: NCA's stage-2 lr", nca_lr),
-        (f'heldout at {name}', heldout), ('size over ' + ' '.join(n for n, _, _ in sizes), size)]
+                     + stage2(dims) * (3 + len(s1_lrs) * len(s1_iters)))
+rows = [(f'grid at {name}', grid)]
+for shape, d, held, lrs in sizes:
+    n, k = len(held.split()), len(lrs.split())
+    rows += [(f'lrs at {shape}: {k} + up to {widen} lrs an arm', len(seeds) * (2 * (k + widen) * stage2(d)
+                                                                          + stage1(d, longest))),
+             (f'heldout at {shape}', n * (3 * stage2(d) + 2 * stage1(d, longest))),
+             (f'untuned at {shape}: at most', n * 2 * stage2(d))]
 for what, f in rows + [('all', sum(f for _, f in rows))]:
     print(f"{what:<40} {f:.3e} FLOPs = {f / (0.4 * 989e12) / 60:6.1f} min on one H100 at 40% of 989 TFLOP/s")
-print(f"(stage 1 at its longest, {longest} updates, where the choice is not made yet)")
 EOF
 }
 
@@ -246,16 +288,30 @@ go() {  # go PHASE: its runs, JOBS at a time
   runs "$1" | xargs -P "$JOBS" -I{} bash -c 'one "$@"' _ {}
 }
 
+tune_lrs() {  # the lrs phase: run, widen where an arm's best is at an edge, run again, until every size has its choice
+  local shape out more=1
+  while [ $more = 1 ]; do
+    go lrs
+    more=0
+    for shape in $(shapes); do
+      echo "== $shape: final validation loss, mean over seeds $TUNE_SEEDS"
+      out=$(widen "$shape")
+      echo "$out"
+      if grep -qx widened <<< "$out"; then more=1; fi
+    done
+  done
+}
+
 case "${1:-}" in
   --list) runs "${2:-grid}"; exit 0 ;;
   --flops) flops; exit 0 ;;
-  tune|nca_lr|heldout|size|all) ;;
-  *) echo "usage: bash tests/tune.sh tune|nca_lr|heldout|size|all|--list PHASE|--flops" >&2; exit 2 ;;
+  grid|lrs|heldout|untuned|all) ;;
+  *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|all|--list PHASE|--flops" >&2; exit 2 ;;
 esac
 [ -f data/pystdlib/meta.json ] || $PY prepare_data.py pystdlib --tokenizer=bytes
 case "$1" in
-  tune) go grid; choose; tables grid; go nca_lr; choose_lr ;;
-  nca_lr) go nca_lr; choose_lr ;;
-  all) go grid; choose; tables grid; go nca_lr; choose_lr; go heldout; tables heldout; go size; tables size ;;
-  *) go "$1"; tables "$1" ;;
+  grid) go grid; choose_cell ;;
+  lrs) tune_lrs ;;
+  heldout|untuned) go "$1"; tables "$1" ;;
+  all) go grid; choose_cell; tune_lrs; go heldout; tables heldout; go untuned; tables untuned ;;
 esac
