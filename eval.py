@@ -12,8 +12,8 @@ docs/evaluation.md.
     python eval.py humaneval --samples=samples.jsonl   # score completions made by any model
     python eval.py bbl --ckpt=out-sft/ckpt.pt          # 19 BIG-bench Lite tasks, 2 shots
     python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # arms over seeds
-    python eval.py grid --runs='scratch=out-tune/scratch-lr1e-3-s*,nca=out-tune/nca-lr*-it*-s[0-9]'
-    python eval.py trend --runs='out-tune/held-tiny-ARM-s*,out-tune/held-w256-ARM-s*'  # gap vs size
+    python eval.py grid --runs='scratch=out-tune/s2-tiny-scratch-lr1e-3-s*,nca=out-tune/grid-nca-*'
+    python eval.py trend --runs='out-tune/heldout/tiny-ARM-s*,out-tune/heldout/w256-ARM-s*'  # vs size
     python eval.py icl --ckpt=out-lm [--at_start=true] # the in-context probe
     python eval.py watch --ckpt=out-nca                # an NCA model's predictions, frame by frame
     python eval.py nca [--num_rules=1024 --n_states=2 ...]   # the NCA data, the filter's statistics
@@ -69,7 +69,8 @@ workers = os.cpu_count()  # programs run in parallel
 sandbox = 'auto'        # humaneval: auto (bwrap where it starts, else the guards) | bwrap | guards
 out = ''                # JSON of the results ('' = eval-TASK.json beside the checkpoint, or here)
 runs = ''               # compare: arms as NAME=GLOB of out_dirs, comma-separated (a run a seed);
-                        # trend: a GLOB a size, ARM where the arm's name goes
+                        # trend: a GLOB a size, ARM where the arm's name goes (NAME=...;NAME=...:
+                        # several series, a line each)
 baseline = ''           # compare, grid: the arm the others are measured against ('' = the first)
 arms = 'scratch,nca'     # trend: the baseline, then the arm measured against it
 png = ''                # compare, grid, trend: a plot (needs matplotlib); watch: the picture
@@ -1553,24 +1554,31 @@ def print_trend(points, fit, base, arm):
               f"extrapolation of the line from the sizes above, nothing more")
 
 
-def plot_trend(points, fit, base, arm):
-    """Every seed's gap against parameters, the sizes' means with their intervals, and the line."""
+def plot_trend(series, base, arm):
+    """Every seed's gap against parameters, the sizes' means with their intervals, and the line: a
+    colour a series."""
     plt = pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for p in points:
-        ax.scatter([p['params']] * len(p['diffs']), p['diffs'], color='C0', alpha=0.5, s=18)
-        q = p['paired']
-        ax.errorbar([p['params']], [q['mean']], yerr=[[q['ci95']], [q['ci95']]], fmt='o',
-                    color='C1', capsize=4)
-        ax.annotate(f"{p['n_layer']}x{p['n_embd']}", (p['params'], q['mean']),
-                    textcoords='offset points', xytext=(6, 6), fontsize=8)
-    if fit is not None:
+    for i, (name, s) in enumerate(series.items()):
+        points, fit, colour = s['sizes'], s['fit'], f'C{i}'
+        label = name + ': ' if name else ''
+        for p in points:
+            ax.scatter([p['params']] * len(p['diffs']), p['diffs'], color=colour, alpha=0.35, s=14)
+            q = p['paired']
+            ax.errorbar([p['params']], [q['mean']], yerr=[[q['ci95']], [q['ci95']]], fmt='o',
+                        color=colour, capsize=4)
+            ax.annotate(f"{p['n_layer']}x{p['n_embd']}", (p['params'], q['mean']),
+                        textcoords='offset points', xytext=(6, 6), fontsize=8)
+        if fit is None:
+            continue
         xs = np.linspace(min(math.log10(p['params']) for p in points),
                          max(math.log10(p['params']) for p in points), 50)
-        ax.plot(10 ** xs, fit['intercept'] + fit['slope_per_decade'] * xs, color='C2',
-                label=f"fit: {fit['slope_per_decade']:+.3f} +- {fit['slope_ci95']:.3f} / decade")
+        slope = f"{fit['slope_per_decade']:+.3f} +- {fit['slope_ci95']:.3f} / decade"
+        ax.plot(10 ** xs, fit['intercept'] + fit['slope_per_decade'] * xs, color=colour,
+                label=f"{label}fit {slope}")
+    if any(s['fit'] for s in series.values()):
         ax.legend()
     ax.axhline(0, color='grey', lw=0.8)
     ax.set_xscale('log')
@@ -1585,19 +1593,33 @@ def eval_trend(_):
     if len(names) != 2 or not all(names):
         die(f"--arms={arms}: give the baseline and the arm, e.g. --arms=scratch,nca")
     base, arm = names
-    patterns = [p for p in runs.split(',') if p]
-    if not patterns or any('ARM' not in p for p in patterns):
-        die("give --runs=GLOB,GLOB,..., a glob a size with ARM where the arm's name goes "
-            "(e.g. out-tune/held-tiny-ARM-s*,out-tune/held-w256-ARM-s*)")
-    points = sorted((size_point(p, base, arm) for p in patterns), key=lambda p: p['params'])
-    fit = fit_line(points)
-    print_trend(points, fit, base, arm)
+    series = {}  # NAME=GLOB,GLOB;NAME=...: several lines over the same sizes (tuned, untuned)
+    for item in runs.split(';'):
+        name, _, globs = item.rpartition('=')
+        patterns = [p for p in globs.split(',') if p]
+        if not patterns or any('ARM' not in p for p in patterns) or name in series:
+            die("give --runs=GLOB,GLOB,..., a glob a size with ARM where the arm's name goes "
+                "(e.g. out-tune/heldout/tiny-ARM-s*,out-tune/heldout/w256-ARM-s*), or named "
+                "series, NAME=GLOB,...;NAME=GLOB,...")
+        series[name] = patterns
+    result = dict(scores={}, series={}, arms=[base, arm])
+    for name, patterns in series.items():
+        points = sorted((size_point(p, base, arm) for p in patterns), key=lambda p: p['params'])
+        fit = fit_line(points)
+        if name:
+            print(f"== {name}")
+        print_trend(points, fit, base, arm)
+        prefix = name + ': ' if name else ''
+        for p in points:
+            result['scores'][f"{prefix}{p['n_layer']}x{p['n_embd']} {arm} - {base}"] = p['paired']['mean']
+        if fit is not None:
+            result['scores'][prefix + 'slope a decade'] = fit['slope_per_decade']
+        result['series'][name] = dict(sizes=points, fit=fit)
     if png:
-        plot_trend(points, fit, base, arm)
-    scores = {f"{p['n_layer']}x{p['n_embd']} {arm} - {base}": p['paired']['mean'] for p in points}
-    if fit is not None:
-        scores['slope a decade'] = fit['slope_per_decade']
-    return dict(scores=scores, sizes=points, fit=fit, arms=[base, arm])
+        plot_trend(result['series'], base, arm)
+    if list(series) == ['']:  # one unnamed series: its sizes and line at the top
+        result.update(result.pop('series')[''])
+    return result
 
 
 # =============================================================================

@@ -95,53 +95,112 @@ def tune_list(env, phase):
     return p, [line.split('|') for line in p.stdout.splitlines()]
 
 
-@pytest.mark.parametrize('phase', ['grid', 'nca_lr', 'heldout', 'size'])
+LRS = {'tiny': ('1e-3', '2e-3'), 'd4': ('1e-3', '1e-3'), 'w256': ('5e-4', '1e-3'), 'w512': ('5e-4', '5e-4')}
+
+
+def tune_env(tmp_path, chosen=True, lrs=()):
+    """OUT in tmp_path, with stage 1's cell chosen and the stage-2 lrs of the shapes `lrs` (SCRATCH_LR, NCA_LR)."""
+    if chosen:
+        (tmp_path / 'chosen.env').write_text('NCA_S1_LR=3e-4\nNCA_S1_ITERS=100\n')
+    for shape in lrs:
+        scratch, nca_lr = LRS[shape]
+        (tmp_path / f'lrs-{shape}.env').write_text(f'SCRATCH_LR={scratch}\nNCA_LR={nca_lr}\n')
+    return {**os.environ, 'OUT': str(tmp_path)}
+
+
+@pytest.mark.parametrize('phase', ['grid', 'lrs', 'heldout', 'untuned'])
 def test_tune_lists_each_run_once_after_the_run_it_starts_from(nca, tmp_path, phase):
-    """tests/tune.sh --list: every run's flags parse, a stage 2 after its stage 1; the later phases need the choice."""
-    env = {**os.environ, 'OUT': str(tmp_path)}
-    if phase != 'grid':
-        p, _ = tune_list(env, phase)
-        assert p.returncode == 2 and 'run `bash tests/tune.sh tune` first' in p.stderr
-        (tmp_path / 'chosen.env').write_text('SCRATCH_LR=1e-3\nNCA_S1_LR=3e-4\nNCA_S1_ITERS=100\nNCA_LR=2e-3\n')
-    p, lines = tune_list(env, phase)
+    """tests/tune.sh --list: every run's flags parse, a stage 2 after its stage 1, the same stage-2 tokens at every
+    size; each phase needs the choices before it, and uses them."""
+    needs = {'grid': None, 'lrs': 'run `bash tests/tune.sh grid` first', 'heldout': 'run `bash tests/tune.sh lrs` first',
+             'untuned': 'run `bash tests/tune.sh lrs` first'}[phase]
+    if needs:
+        p, _ = tune_list(tune_env(tmp_path, chosen=phase != 'lrs'), phase)
+        assert p.returncode == 2 and needs in p.stderr, p.stderr
+    p, lines = tune_list(tune_env(tmp_path, lrs=LRS), phase)
     assert p.returncode == 0, p.stderr
-    # heldout and size: NCA also at scratch's lr 1e-3 (ALSO_NCA_LR), a run a seed and size more
-    assert len(lines) == {'grid': 42, 'nca_lr': 8, 'heldout': 24, 'size': 56}[phase]
+    # grid: 18 stage 1s, 3 scratch lrs and 9 cells at 2 seeds; lrs: at 4 shapes, 2 arms x 3 lrs x 2 seeds and 2
+    # stage 1s; heldout: 14 seeds over the shapes, scratch, NCA and shuffled, 2 stage 1s each; untuned: no control
+    assert len(lines) == {'grid': 42, 'lrs': 4 * (12 + 2), 'heldout': 14 * 5, 'untuned': 14 * 3}[phase]
     widths = set()
     for out_dir, start, flags in each_run_configured(nca, lines):
-        stage_1 = '/s1-' in out_dir or '-s1-' in out_dir
+        shape = os.path.basename(out_dir).split('-')[1]
+        stage_1 = '/s1-' in out_dir or '/grid-s1-' in out_dir
         assert nca.stage == ('nca' if stage_1 else 'lm'), out_dir
+        if stage_1:
+            assert nca.nca_shuffle == ('-shuffled-' in out_dir), out_dir
+        else:  # the shuffled arm starts from the shuffled stage 1, NCA from NCA's, scratch from nothing
+            assert ('-shuffled-' in start, '-nca-' in start, start == '-') == (
+                '-shuffled-' in out_dir, '-nca-' in out_dir, '-scratch-' in out_dir), out_dir
         if nca.stage == 'lm':
             assert nca.min_lr == pytest.approx(nca.learning_rate / 10) and nca.max_iters == 800
             assert nca.batch_size * nca.block_size * nca.max_iters == 8 * 256 * 800  # the same tokens at every size
-        if phase in ('heldout', 'size') and nca.stage == 'lm':
-            also = 'scratch' in out_dir or '-nca1e-3-' in out_dir
-            assert nca.learning_rate == (1e-3 if also else 2e-3), out_dir  # the chosen lrs, and ALSO_NCA_LR's
+            named = re.search(r'-lr([0-9.e-]+)-s\d+$', out_dir)
+            if named and '/s2-' in out_dir:  # a stage 2's folder names its lr
+                assert float(named.group(1)) == nca.learning_rate, out_dir
+        if nca.stage == 'lm' and phase in ('heldout', 'untuned'):
+            scratch, nca_lr = LRS[shape if phase == 'heldout' else 'tiny']  # untuned: width 128's choice
+            assert nca.learning_rate == float(scratch if '-scratch-' in out_dir else nca_lr), out_dir
+            assert nca.seed >= 3
+        if nca.stage == 'nca' and phase != 'grid':
+            assert (nca.learning_rate, nca.max_iters) == (3e-4, 100)  # the chosen cell, at every size
         widths.add((nca.n_layer, nca.n_embd))
-    if phase == 'size':
-        assert widths == {(2, 128), (2, 256), (2, 512), (4, 128)}
-    if phase in ('heldout', 'size'):
-        p, without = tune_list({**env, 'ALSO_NCA_LR': ''}, phase)
-        assert len(without) == len(lines) - {'heldout': 4, 'size': 14}[phase]
-        assert not any('nca1e-3' in d for d, _, _ in without)
+    assert widths == ({(2, 128)} if phase == 'grid' else {(2, 128), (2, 256), (2, 512), (4, 128)})
 
 
 def test_tune_phases_share_their_runs(tmp_path):
-    """NCA's stage 2 at 1e-3 is the grid's cell, and the size phase's width 128 the held-out phase's runs: listed by
-    two phases, each runs once."""
-    env = {**os.environ, 'OUT': str(tmp_path)}
-    (tmp_path / 'chosen.env').write_text('SCRATCH_LR=1e-3\nNCA_S1_LR=3e-4\nNCA_S1_ITERS=100\nNCA_LR=1e-3\n')
+    """The grid's scratch runs are width 128's tuning runs; where a size's tuned lrs are width 128's, the untuned
+    arms are the tuned ones: listed by two phases, each runs once."""
+    env = tune_env(tmp_path, lrs=LRS)
     runs = {phase: {d: (start, flags) for d, start, flags in tune_list(env, phase)[1]}
-            for phase in ('grid', 'nca_lr', 'heldout', 'size')}
-    shared = runs['grid'].keys() & runs['nca_lr'].keys()
-    assert {os.path.basename(d) for d in shared} == {'s1-nca-lr3e-4-it100-s1', 's1-nca-lr3e-4-it100-s2',
-                                                      'nca-lr3e-4-it100-s1', 'nca-lr3e-4-it100-s2'}
-    tiny = {d for d in runs['size'] if '/held-tiny-' in d}
-    assert len(tiny) == 12 and tiny <= runs['heldout'].keys()
+            for phase in ('grid', 'lrs', 'heldout', 'untuned')}
+    scratch = {d for d in runs['grid'] if '-scratch-' in d}
+    assert len(scratch) == 6 and scratch <= runs['lrs'].keys()
+    shared = runs['heldout'].keys() & runs['untuned'].keys()
+    names = {os.path.basename(d) for d in shared}
+    # tiny: all of its runs; d4: scratch (1e-3 both) and the stage 1s; w256: the stage 1s; w512: none but them
+    assert {n for n in names if n.startswith('s2-')} == (
+        {f's2-tiny-{a}-lr{lr}-s{s}' for a, lr in (('scratch', '1e-3'), ('nca', '2e-3')) for s in (3, 4, 5, 6)}
+        | {f's2-d4-scratch-lr1e-3-s{s}' for s in (3, 4, 5, 6)})
     for d in shared:
-        assert runs['grid'][d] == runs['nca_lr'][d]
-    for d in tiny:
-        assert runs['size'][d] == runs['heldout'][d]
+        assert runs['heldout'][d] == runs['untuned'][d]
+    for d in scratch:
+        assert runs['grid'][d] == runs['lrs'][d]
+
+
+def fake_run(folder, lr, seed, final):
+    """A finished stage-2 run, as tune.sh reads it: done, its log and its run.json."""
+    folder.mkdir(parents=True)
+    rows = [dict(step=0, tokens=0, val_loss=5.5), dict(step=800, tokens=800 * 2048, val_loss=final)]
+    (folder / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    config = dict(seed=seed, learning_rate=float(lr), n_layer=2, n_head=4, n_embd=128, init_from='scratch')
+    (folder / 'run.json').write_text(json.dumps(dict(config=config, stage='lm')))
+    (folder / 'done').write_text('')
+
+
+def test_tune_widens_an_arms_grid_while_its_best_sits_at_an_edge(tmp_path):
+    """tune.sh lrs: scratch's best at the grid's top edge gets a lr twice as hot, NCA's at the bottom one half as
+    hot, again while the best stays at the edge (at most WIDEN=2 times, then the edge is chosen, saying so); the
+    runs it adds are listed by the phase, and the choice is each arm's lowest mean over seeds 1-2."""
+    finals = {'scratch': {'5e-4': 1.70, '1e-3': 1.60, '2e-3': 1.55, '4e-3': 1.58},
+              'nca': {'5e-4': 1.50, '1e-3': 1.52, '2e-3': 1.56, '2.5e-4': 1.45, '1.25e-4': 1.44}}
+    for arm, by_lr in finals.items():
+        for lr, final in by_lr.items():
+            for seed, offset in ((1, 0.01), (2, -0.01)):
+                fake_run(tmp_path / f's2-tiny-{arm}-lr{lr}-s{seed}', lr, seed, final + offset)
+    for seed in (1, 2):
+        (tmp_path / f's1-tiny-nca-lr3e-4-it100-s{seed}').mkdir()
+        (tmp_path / f's1-tiny-nca-lr3e-4-it100-s{seed}' / 'done').write_text('')
+    env = {**tune_env(tmp_path), 'SIZES': 'tiny:3'}
+    p = subprocess.run(['bash', os.path.join(ROOT, 'tests', 'tune.sh'), 'lrs'], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / 'lrs-tiny.grid').read_text().splitlines() == ['scratch 4e-3', 'nca 2.5e-4', 'nca 1.25e-4']
+    assert (tmp_path / 'lrs-tiny.env').read_text() == 'SCRATCH_LR=2e-3\nNCA_LR=1.25e-4\n'
+    assert 'nca: chosen lr 1.25e-4 (at an edge: the widenings are spent)' in p.stdout
+    assert 'scratch: the best, 2e-3, sits at the grid\'s edge: widened to 4e-3' in p.stdout
+    listed = {os.path.basename(d) for d, _, _ in tune_list(env, 'lrs')[1]}
+    assert {'s2-tiny-scratch-lr4e-3-s1', 's2-tiny-nca-lr1.25e-4-s2'} <= listed and len(listed) == 2 * 9 + 2
 
 
 def test_a_run_listed_twice_at_once_runs_once(tmp_path):

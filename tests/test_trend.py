@@ -79,6 +79,29 @@ def test_a_seed_without_its_pair_is_left_out_and_one_size_draws_no_line(trend, t
     assert 'no line: it needs two sizes' in capsys.readouterr().out
 
 
+def test_named_series_each_get_their_line(trend, tmp_path):
+    """--runs='tuned=...;untuned=...': two series over the same sizes, each paired and fitted on its own (tune.sh's
+    tuned gap beside the untuned one)."""
+    gaps = {'tuned': {'tiny': [0.01, 0.03], 'w256': [0.00, 0.02]}, 'untuned': {'tiny': [0.01, 0.03],
+                                                                                'w256': [0.10, 0.12]}}
+    for name, by_shape in gaps.items():
+        for shape, diffs in by_shape.items():
+            for seed, d in zip((3, 4), diffs):
+                write_run(tmp_path / name / f'{shape}-scratch-s{seed}', shape, seed, 1.6, (-0.05, -0.1))
+                write_run(tmp_path / name / f'{shape}-nca-s{seed}', shape, seed, 1.6 + d, (-0.05, -0.1))
+    result = trend(['tuned=tuned/tiny-ARM-s*', 'tuned/w256-ARM-s*;untuned=untuned/tiny-ARM-s*',
+                    'untuned/w256-ARM-s*'])
+    assert list(result['series']) == ['tuned', 'untuned']
+    for name, by_shape in gaps.items():
+        points = result['series'][name]['sizes']
+        assert [p['paired']['mean'] for p in points] == pytest.approx([np.mean(d) for d in by_shape.values()])
+        # two sizes, gaps d apart at a factor 4 in parameters: the slope a decade
+        rise = np.mean(by_shape['w256']) - np.mean(by_shape['tiny'])
+        decades = math.log10(points[1]['params'] / points[0]['params'])
+        assert result['series'][name]['fit']['slope_per_decade'] == pytest.approx(rise / decades)
+    assert result['scores']['untuned: slope a decade'] > result['scores']['tuned: slope a decade']
+
+
 @pytest.mark.parametrize('case,message', [
     ('no ARM', "a glob a size with ARM where the arm's name goes"),
     ('no runs', "names no run folder"),

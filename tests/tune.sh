@@ -117,12 +117,12 @@ runs() {  # runs PHASE: one line per run: out_dir|the stage-1 out_dir it starts 
   case "$1" in
     grid)
       for s in $TUNE_SEEDS; do for lr in $S1_LRS; do for it in $S1_ITERS; do
-        s1 "$SHAPE" "$OUT/grid-s1-lr$lr-it$it-s$s" "$lr" "$it" "$s" false
+        s1 "$SHAPE" "$OUT/grid-s1-nca-lr$lr-it$it-s$s" "$lr" "$it" "$s" false
       done; done; done
       for s in $TUNE_SEEDS; do
         for lr in $(grid_now "$SHAPE" scratch); do stage2 "$SHAPE" "$(s2_dir "$SHAPE" scratch "$lr" "$s")" - "$lr" "$s"; done
         for lr in $S1_LRS; do for it in $S1_ITERS; do
-          stage2 "$SHAPE" "$OUT/grid-nca-lr$lr-it$it-s$s" "$OUT/grid-s1-lr$lr-it$it-s$s" 1e-3 "$s"
+          stage2 "$SHAPE" "$OUT/grid-nca-lr$lr-it$it-s$s" "$OUT/grid-s1-nca-lr$lr-it$it-s$s" 1e-3 "$s"
         done; done
       done ;;
     lrs)
@@ -175,6 +175,11 @@ with open(f"{out}/chosen.env.tmp", 'w') as f:
     f.write(f"NCA_S1_LR={lr}\nNCA_S1_ITERS={it}\n")
 os.replace(f"{out}/chosen.env.tmp", f"{out}/chosen.env")
 EOF
+}
+
+grid_table() {  # the grid's cells against scratch at 1e-3, and its heat map
+  $PY eval.py grid --runs="scratch=$(s2_dir "$SHAPE" scratch 1e-3 '*'),nca=$OUT/grid-nca-lr*-it*-s*" \
+    --out="$OUT/grid.json" --png="$OUT/grid.png" || true
 }
 
 widen() {  # widen SHAPE: each arm's best lr so far; one value more where it sits at an edge, else the choice
@@ -278,13 +283,16 @@ for shape, d, held, lrs in sizes:
     rows += [(f'lrs at {shape}: {k} + up to {widen} lrs an arm', len(seeds) * (2 * (k + widen) * stage2(d)
                                                                           + stage1(d, longest))),
              (f'heldout at {shape}', n * (3 * stage2(d) + 2 * stage1(d, longest))),
-             (f'untuned at {shape}: at most', n * 2 * stage2(d))]
+             (f'untuned at {shape}: at most', n * 2 * stage2(d) * (shape != name))]
 for what, f in rows + [('all', sum(f for _, f in rows))]:
     print(f"{what:<40} {f:.3e} FLOPs = {f / (0.4 * 989e12) / 60:6.1f} min on one H100 at 40% of 989 TFLOP/s")
 EOF
 }
 
-go() {  # go PHASE: its runs, JOBS at a time
+go() {  # go PHASE: its runs, JOBS at a time (the stage-2 data made first, where a run is left to do)
+  local todo
+  todo=$(runs "$1" | while IFS='|' read -r dir _; do [ -f "$dir/done" ] || echo "$dir"; done)
+  [ -z "$todo" ] || [ -f data/pystdlib/meta.json ] || $PY prepare_data.py pystdlib --tokenizer=bytes
   runs "$1" | xargs -P "$JOBS" -I{} bash -c 'one "$@"' _ {}
 }
 
@@ -308,10 +316,9 @@ case "${1:-}" in
   grid|lrs|heldout|untuned|all) ;;
   *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|all|--list PHASE|--flops" >&2; exit 2 ;;
 esac
-[ -f data/pystdlib/meta.json ] || $PY prepare_data.py pystdlib --tokenizer=bytes
 case "$1" in
-  grid) go grid; choose_cell ;;
+  grid) go grid; choose_cell; grid_table ;;
   lrs) tune_lrs ;;
   heldout|untuned) go "$1"; tables "$1" ;;
-  all) go grid; choose_cell; tune_lrs; go heldout; tables heldout; go untuned; tables untuned ;;
+  all) go grid; choose_cell; grid_table; tune_lrs; go heldout; tables heldout; go untuned; tables untuned ;;
 esac
