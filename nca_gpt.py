@@ -1480,6 +1480,11 @@ def check_config():
 
 
 def check_device(name, script='nca_gpt.py'):
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and name.startswith('cuda:'):  # init_distributed maps 'cuda' to LOCAL_RANK's GPU
+        die(f"--device={name} under torchrun would put all {world} processes on one GPU: give "
+            f"--device=cuda (each takes its LOCAL_RANK's), CUDA_VISIBLE_DEVICES to choose GPUs",
+            script)
     if name not in devices():
         die(f"--device={name} is not available on this machine (it has {', '.join(devices())}): "
             f"leave --device out to use {devices()[0]}", script)

@@ -214,3 +214,19 @@ def test_compiled_bf16_with_dropout_resumes(nca, tmp_path):
     train(nca, *args, '--max_iters=5', '--init_from=resume', f'--out_dir={tmp_path}')
     losses = train_losses(tmp_path)
     assert list(losses) == [1, 2, 3, 4, 5] and all(math.isfinite(v) and 8 < v < 10 for v in losses.values()), losses
+
+
+def test_torchrun_with_one_named_gpu_is_refused(nca, monkeypatch):
+    """Under torchrun, 'cuda' becomes each process's cuda:LOCAL_RANK; an explicit cuda:0 would put every process on
+    one GPU, so it is refused in one line (one process may name its GPU)."""
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match='would put all 2 processes on one GPU: give --device=cuda') as e:
+        nca.check_device('cuda:0')
+    assert '\n' not in str(e.value.code)
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    if torch.cuda.is_available():
+        nca.check_device('cuda:0')
+    else:  # one process: the ordinary check, which a machine without a GPU fails
+        with pytest.raises(SystemExit, match='is not available on this machine'):
+            nca.check_device('cuda:0')
+    nca.check_device('cpu')
