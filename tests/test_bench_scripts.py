@@ -112,8 +112,8 @@ def tune_env(tmp_path, chosen=True, lrs=()):
 def test_tune_lists_each_run_once_after_the_run_it_starts_from(nca, tmp_path, phase):
     """tests/tune.sh --list: every run's flags parse, a stage 2 after its stage 1, the same stage-2 tokens at every
     size; each phase needs the choices before it, and uses them."""
-    needs = {'grid': None, 'lrs': 'run `bash tests/tune.sh grid` first', 'heldout': 'run `bash tests/tune.sh lrs` first',
-             'untuned': 'run `bash tests/tune.sh lrs` first'}[phase]
+    first = 'run `bash tests/tune.sh {}` first'.format
+    needs = {'grid': None, 'lrs': first('grid'), 'heldout': first('lrs'), 'untuned': first('lrs')}[phase]
     if needs:
         p, _ = tune_list(tune_env(tmp_path, chosen=phase != 'lrs'), phase)
         assert p.returncode == 2 and needs in p.stderr, p.stderr
@@ -227,3 +227,33 @@ def test_a_run_listed_twice_at_once_runs_once(tmp_path):
     assert not (out_dir / 'done').exists()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=30)
     assert (tmp_path / 'count').read_text() == 'run\n' * 3 and (out_dir / 'done').exists()
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path):
+    """tests/run_one.sh: a run stopped part-way (its ckpt.pt there, no done) continues with --init_from=resume, its
+    settings its checkpoint's (issue 33: bit for bit as if it had never stopped); one never started runs its flags,
+    after the stage 1 it starts from; a failed one says so and leaves no done."""
+    fake = tmp_path / 'fake.sh'  # stands for python: records its arguments, fails when told to
+    fake.write_text(f'echo "$@" >> {tmp_path}/args; [ ! -f {tmp_path}/fail ]\n')
+    env = {**os.environ, 'PY': f'bash {fake}'}
+    (tmp_path / 's1').mkdir()
+    (tmp_path / 's1' / 'done').write_text('')
+
+    def one(name, flags='--stage=lm --learning_rate=1e-3'):
+        line = f'{tmp_path / name}|{tmp_path / "s1"}|{flags}'
+        p = subprocess.run(['bash', '-c', f'. tests/run_one.sh; one "{line}"'], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        return p.stdout, (tmp_path / 'args').read_text().splitlines()[-1]
+    out, args = one('fresh')
+    start, fresh = tmp_path / 's1', tmp_path / 'fresh'
+    assert args == f'nca_gpt.py --stage=lm --learning_rate=1e-3 --init_from={start} --out_dir={fresh}'
+    assert f'done {tmp_path / "fresh"}' in out and (tmp_path / 'fresh' / 'done').exists()
+    (tmp_path / 'stopped').mkdir()
+    (tmp_path / 'stopped' / 'ckpt.pt').write_text('')
+    out, args = one('stopped')
+    assert args == f'nca_gpt.py --init_from=resume --out_dir={tmp_path / "stopped"}'
+    (tmp_path / 'fail').write_text('')
+    out, _ = one('broken')
+    assert 'FAILED' in out and (tmp_path / 'broken' / 'failed').exists()
+    assert not (tmp_path / 'broken' / 'done').exists()
