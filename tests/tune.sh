@@ -20,6 +20,7 @@
 #   bash tests/tune.sh all        # the four in turn: the whole study, one command
 #   bash tests/tune.sh --list PHASE   # only print a phase's runs (as far as the choices so far allow)
 #   bash tests/tune.sh --flops        # the study's training FLOPs and their time on one H100
+#   bash tests/tune.sh --table        # each size's tuning so far, lr by lr and seed by seed (runs nothing)
 #   SHAPE=small SIZES="small:3 4" bash tests/tune.sh all   # the same study at GPT-2 small's shape, on a GPU
 #
 # A finished run (out_dir/done) is skipped and a stopped one resumes from its checkpoint, so a killed phase
@@ -289,6 +290,29 @@ for what, f in rows + [('all', sum(f for _, f in rows))]:
 EOF
 }
 
+table() {  # the tuning so far, from the finished runs' logs: each size's arms, lr by lr, seed by seed
+  local shape arm lr cells
+  chosen
+  for shape in $(shapes); do
+    cells=''
+    for arm in scratch nca; do for lr in $(grid_now "$shape" $arm); do
+      cells="$cells $arm=$lr=$(s2_dir "$shape" $arm "$lr" '')"
+    done; done
+    $PY - "$shape" "$OUT/lrs-$shape.env" "$TUNE_SEEDS" $cells <<EOF
+$final_loss
+import sys
+shape, env, seeds, cells = sys.argv[1], sys.argv[2], sys.argv[3].split(), [a.split('=') for a in sys.argv[4:]]
+chosen = ', '.join(open(env).read().split()) if os.path.exists(env) else 'not yet'
+print(f"== {shape}: final validation loss (nats per byte), seeds {' / '.join(seeds)}, their mean; chosen: {chosen}")
+for arm, lr, prefix in sorted(cells, key=lambda c: (c[0] != 'scratch', float(c[1]))):
+    done = [os.path.exists(prefix + s + '/done') for s in seeds]
+    losses = [f"{final(prefix + s):.4f}" if d else '-' for s, d in zip(seeds, done)]
+    mean_text = f"{mean([prefix + s for s in seeds]):.4f}" if all(done) else '-'
+    print(f"  {arm:<8} lr {lr:<7} {' / '.join(losses)}   mean {mean_text}")
+EOF
+  done
+}
+
 go() {  # go PHASE: its runs, JOBS at a time (the stage-2 data made first, where a run is left to do)
   local todo
   todo=$(runs "$1" | while IFS='|' read -r dir _; do [ -f "$dir/done" ] || echo "$dir"; done)
@@ -313,8 +337,9 @@ tune_lrs() {  # the lrs phase: run, widen where an arm's best is at an edge, run
 case "${1:-}" in
   --list) runs "${2:-grid}"; exit 0 ;;
   --flops) flops; exit 0 ;;
+  --table) table; exit 0 ;;
   grid|lrs|heldout|untuned|all) ;;
-  *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|all|--list PHASE|--flops" >&2; exit 2 ;;
+  *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|all|--list PHASE|--flops|--table" >&2; exit 2 ;;
 esac
 case "$1" in
   grid) go grid; choose_cell; grid_table ;;
