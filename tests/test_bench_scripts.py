@@ -202,7 +202,7 @@ def test_tune_widens_an_arms_grid_while_its_best_sits_at_an_edge(tmp_path):
     p = subprocess.run(['bash', os.path.join(ROOT, 'tests', 'tune.sh'), '--table'], capture_output=True, text=True,
                        timeout=60, env=env)
     assert 'chosen: SCRATCH_LR=2e-3, NCA_LR=1.25e-4' in p.stdout
-    assert 'scratch  lr 4e-3    1.5900 / 1.5700   mean 1.5800' in p.stdout.splitlines()
+    assert '  scratch  lr 4e-3    1.5900 / 1.5700   mean 1.5800' in p.stdout.splitlines()
     listed = {os.path.basename(d) for d, _, _ in tune_list(env, 'lrs')[1]}
     assert {'s2-tiny-scratch-lr4e-3-s1', 's2-tiny-nca-lr1.25e-4-s2'} <= listed and len(listed) == 2 * 9 + 2
 
