@@ -17,7 +17,8 @@
 #   bash tests/tune.sh lrs        # each arm's stage-2 lr at each size (seeds 1-2) -> OUT/lrs-SHAPE.env
 #   bash tests/tune.sh heldout    # the tuned lrs on each size's held-out seeds, then the tables
 #   bash tests/tune.sh untuned    # SHAPE's lrs at every size, then the trend, tuned beside untuned
-#   bash tests/tune.sh all        # the four in turn: the whole study, one command
+#   bash tests/tune.sh sizes      # lrs and heldout size by size (each size's results as they come), then untuned
+#   bash tests/tune.sh all        # grid, then sizes: the whole study, one command
 #   bash tests/tune.sh --list PHASE   # only print a phase's runs (as far as the choices so far allow)
 #   bash tests/tune.sh --flops        # the study's training FLOPs and their time on one H100
 #   bash tests/tune.sh --table        # each size's tuning so far, lr by lr and seed by seed (runs nothing)
@@ -334,16 +335,27 @@ tune_lrs() {  # the lrs phase: run, widen where an arm's best is at an edge, run
   done
 }
 
+sizes() {  # lrs, then heldout, one size after the other (each size's results as soon as they are in); then untuned
+  local shape all_sizes=$SIZES
+  for shape in $(shapes); do
+    SIZES="$shape:$(seeds_of "$shape")"
+    tune_lrs; go heldout; tables heldout
+    SIZES=$all_sizes
+  done
+  go untuned; tables untuned
+}
+
 case "${1:-}" in
   --list) runs "${2:-grid}"; exit 0 ;;
   --flops) flops; exit 0 ;;
   --table) table; exit 0 ;;
-  grid|lrs|heldout|untuned|all) ;;
-  *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|all|--list PHASE|--flops|--table" >&2; exit 2 ;;
+  grid|lrs|heldout|untuned|sizes|all) ;;
+  *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|sizes|all|--list PHASE|--flops|--table" >&2; exit 2 ;;
 esac
 case "$1" in
   grid) go grid; choose_cell; grid_table ;;
   lrs) tune_lrs ;;
   heldout|untuned) go "$1"; tables "$1" ;;
-  all) go grid; choose_cell; grid_table; tune_lrs; go heldout; tables heldout; go untuned; tables untuned ;;
+  sizes) sizes ;;
+  all) go grid; choose_cell; grid_table; sizes ;;
 esac
