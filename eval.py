@@ -13,7 +13,7 @@ docs/evaluation.md.
     python eval.py bbl --ckpt=out-sft/ckpt.pt          # 19 BIG-bench Lite tasks, 2 shots
     python eval.py compare --runs='scratch=out-*-scratch-s*,nca=out-*-nca-s*'   # arms over seeds
     python eval.py grid --runs='scratch=out-tune/s2-tiny-scratch-lr1e-3-s*,nca=out-tune/grid-nca-*'
-    python eval.py trend --runs='out-tune/heldout/tiny-ARM-s*,out-tune/heldout/w256-ARM-s*'  # vs size
+    python eval.py trend --runs='out-tune/heldout/tiny-ARM-s*,out-tune/heldout/w256-ARM-s*'  # size
     python eval.py icl --ckpt=out-lm [--at_start=true] # the in-context probe
     python eval.py watch --ckpt=out-nca                # an NCA model's predictions, frame by frame
     python eval.py nca [--num_rules=1024 --n_states=2 ...]   # the NCA data, the filter's statistics
@@ -1514,12 +1514,23 @@ def fit_line(points):
     slope, intercept = np.polyfit(x, y, 1)
     residual = y - (intercept + slope * x)
     dof = n - 2
-    se = math.sqrt((residual ** 2).sum() / dof / ((x - x.mean()) ** 2).sum())
+    sigma = math.sqrt((residual ** 2).sum() / dof)
+    sxx = float(((x - x.mean()) ** 2).sum())
     crossing = None
     if slope != 0:
         crossing = float(10 ** (-intercept / slope))
-    return dict(slope_per_decade=float(slope), slope_ci95=float(t975(dof) * se),
-                intercept=float(intercept), n=n, zero_at_params=crossing)
+    return dict(slope_per_decade=float(slope), slope_ci95=float(t975(dof) * sigma / math.sqrt(sxx)),
+                intercept=float(intercept), n=n, zero_at_params=crossing,
+                residual_sd=sigma, x_mean=float(x.mean()), sxx=sxx, t=float(t975(dof)))
+
+
+def line_band(fit, xs):
+    """The fitted line at log10-sizes xs, and the half-width of its 95% interval there (the
+    line's, not a new seed's): t s sqrt(1/n + (x - mean)^2 / Sxx)."""
+    mid = fit['intercept'] + fit['slope_per_decade'] * xs
+    spread = np.sqrt(1 / fit['n'] + (xs - fit['x_mean']) ** 2 / fit['sxx'])
+    half = fit['t'] * fit['residual_sd'] * spread
+    return mid, half
 
 
 def print_trend(points, fit, base, arm):
@@ -1564,20 +1575,24 @@ def plot_trend(series, base, arm):
     for i, (name, s) in enumerate(series.items()):
         points, fit, colour = s['sizes'], s['fit'], f'C{i}'
         label = name + ': ' if name else ''
+        shift = 1.04 ** i  # a series a little to the right of the one before, so both show
         for p in points:
-            ax.scatter([p['params']] * len(p['diffs']), p['diffs'], color=colour, alpha=0.35, s=14)
+            x = p['params'] * shift
+            ax.scatter([x] * len(p['diffs']), p['diffs'], color=colour, alpha=0.35, s=14)
             q = p['paired']
-            ax.errorbar([p['params']], [q['mean']], yerr=[[q['ci95']], [q['ci95']]], fmt='o',
-                        color=colour, capsize=4)
-            ax.annotate(f"{p['n_layer']}x{p['n_embd']}", (p['params'], q['mean']),
-                        textcoords='offset points', xytext=(6, 6), fontsize=8)
+            ax.errorbar([x], [q['mean']], yerr=[[q['ci95']], [q['ci95']]], fmt='o', color=colour,
+                        capsize=4)
+            if i == 0:  # the sizes named once
+                ax.annotate(f"{p['n_layer']}x{p['n_embd']}", (x, q['mean']),
+                            textcoords='offset points', xytext=(-30, 6), fontsize=8)
         if fit is None:
             continue
         xs = np.linspace(min(math.log10(p['params']) for p in points),
                          max(math.log10(p['params']) for p in points), 50)
+        mid, half = line_band(fit, xs)
         slope = f"{fit['slope_per_decade']:+.3f} +- {fit['slope_ci95']:.3f} / decade"
-        ax.plot(10 ** xs, fit['intercept'] + fit['slope_per_decade'] * xs, color=colour,
-                label=f"{label}fit {slope}")
+        ax.plot(10 ** xs, mid, color=colour, label=f"{label}fit {slope} (band: the line's 95%)")
+        ax.fill_between(10 ** xs, mid - half, mid + half, color=colour, alpha=0.12)
     if any(s['fit'] for s in series.values()):
         ax.legend()
     ax.axhline(0, color='grey', lw=0.8)
@@ -1611,7 +1626,8 @@ def eval_trend(_):
         print_trend(points, fit, base, arm)
         prefix = name + ': ' if name else ''
         for p in points:
-            result['scores'][f"{prefix}{p['n_layer']}x{p['n_embd']} {arm} - {base}"] = p['paired']['mean']
+            shape = f"{p['n_layer']}x{p['n_embd']}"
+            result['scores'][f"{prefix}{shape} {arm} - {base}"] = p['paired']['mean']
         if fit is not None:
             result['scores'][prefix + 'slope a decade'] = fit['slope_per_decade']
         result['series'][name] = dict(sizes=points, fit=fit)

@@ -100,6 +100,28 @@ def test_named_series_each_get_their_line(trend, tmp_path):
         decades = math.log10(points[1]['params'] / points[0]['params'])
         assert result['series'][name]['fit']['slope_per_decade'] == pytest.approx(rise / decades)
     assert result['scores']['untuned: slope a decade'] > result['scores']['tuned: slope a decade']
+    # the line's 95% band, by the textbook formula: t s sqrt(1/n + (x - mean)^2 / Sxx), narrowest at the mean
+    fit = result['series']['untuned']['fit']
+    x = np.array([math.log10(p['params']) for p in result['series']['untuned']['sizes'] for _ in range(2)])
+    y = np.array([d for d in (0.01, 0.03, 0.10, 0.12)])
+    s = math.sqrt(((y - np.polyval(np.polyfit(x, y, 1), x)) ** 2).sum() / 2)
+    mid, half = ev.line_band(fit, np.array([x.mean(), x[-1]]))
+    assert mid[0] == pytest.approx(y.mean()) and half[0] == pytest.approx(4.303 * s / 2, rel=1e-3)  # t(2), n = 4
+    sxx = ((x - x.mean()) ** 2).sum()
+    assert half[1] == pytest.approx(4.303 * s * math.sqrt(1 / 4 + (x[-1] - x.mean()) ** 2 / sxx), rel=1e-3)
+
+
+def test_the_trend_png_draws_each_series(trend, tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')
+    for name, d in (('a', 0.02), ('b', 0.05)):
+        for shape, scale in (('tiny', 1), ('w256', 2)):
+            for seed, jitter in ((3, 0.01), (4, -0.01)):
+                write_run(tmp_path / name / f'{shape}-scratch-s{seed}', shape, seed, 1.6, (-0.05, -0.1))
+                write_run(tmp_path / name / f'{shape}-nca-s{seed}', shape, seed, 1.6 + d * scale + jitter,
+                          (-0.05, -0.1))
+    monkeypatch.setattr(ev, 'png', str(tmp_path / 'trend.png'))
+    trend(['a=a/tiny-ARM-s*', 'a/w256-ARM-s*;b=b/tiny-ARM-s*', 'b/w256-ARM-s*'])
+    assert (tmp_path / 'trend.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.mark.parametrize('case,message', [
