@@ -22,6 +22,7 @@
 #   bash tests/tune.sh --list PHASE   # only print a phase's runs (as far as the choices so far allow)
 #   bash tests/tune.sh --flops        # the study's training FLOPs and their time on one H100
 #   bash tests/tune.sh --table        # each size's tuning so far, lr by lr and seed by seed (runs nothing)
+#   bash tests/tune.sh --tables heldout|untuned   # that phase's tables from the runs done (runs nothing)
 #   SHAPE=small SIZES="small:3 4" bash tests/tune.sh all   # the same study at GPT-2 small's shape, on a GPU
 #
 # A finished run (out_dir/done) is skipped and a stopped one resumes from its checkpoint, so a killed phase
@@ -349,8 +350,9 @@ case "${1:-}" in
   --list) runs "${2:-grid}"; exit 0 ;;
   --flops) flops; exit 0 ;;
   --table) table; exit 0 ;;
+  --tables) tables "${2:-heldout}"; exit 0 ;;
   grid|lrs|heldout|untuned|sizes|all) ;;
-  *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|sizes|all|--list PHASE|--flops|--table" >&2; exit 2 ;;
+  *) echo "usage: bash tests/tune.sh grid|lrs|heldout|untuned|sizes|all|--list PHASE|--flops|--table|--tables PHASE" >&2; exit 2 ;;
 esac
 case "$1" in
   grid) go grid; choose_cell; grid_table ;;
