@@ -168,12 +168,13 @@ def test_tune_phases_share_their_runs(tmp_path):
         assert runs['grid'][d] == runs['lrs'][d]
 
 
-def fake_run(folder, lr, seed, final):
+def fake_run(folder, lr, seed, final, width=128):
     """A finished stage-2 run, as tune.sh reads it: done, its log and its run.json."""
     folder.mkdir(parents=True)
     rows = [dict(step=0, tokens=0, val_loss=5.5), dict(step=800, tokens=800 * 2048, val_loss=final)]
     (folder / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    config = dict(seed=seed, learning_rate=float(lr), n_layer=2, n_head=4, n_embd=128, init_from='scratch')
+    config = dict(seed=seed, learning_rate=float(lr), n_layer=2, n_head=4, n_embd=width, block_size=256,
+                  init_from='scratch')
     (folder / 'run.json').write_text(json.dumps(dict(config=config, stage='lm')))
     (folder / 'done').write_text('')
 
@@ -261,3 +262,38 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path):
     out, _ = one('broken')
     assert 'FAILED' in out and (tmp_path / 'broken' / 'failed').exists()
     assert not (tmp_path / 'broken' / 'done').exists()
+
+
+def test_tune_sizes_goes_size_by_size_to_the_trend(tmp_path):
+    """tune.sh sizes, on finished runs (faked): each size's lrs chosen, its held-out tables, then width 128's lrs
+    at every size and the trend, tuned beside untuned, from the runs' logs."""
+    # width 128 prefers scratch 1e-3 and NCA 2e-3, width 256 scratch 5e-4 and NCA 1e-3 (each inside its grid)
+    best = {('tiny', 'scratch'): '1e-3', ('tiny', 'nca'): '2e-3', ('w256', 'scratch'): '5e-4', ('w256', 'nca'): '1e-3'}
+    gap = {'tiny': -0.01, 'w256': 0.02}  # NCA minus scratch at the tuned lrs; at width 128's lrs width 256 is +0.10
+    for shape, width in (('tiny', 128), ('w256', 256)):
+        for arm in ('scratch', 'nca', 'shuffled'):
+            for lr in ('2.5e-4', '5e-4', '1e-3', '2e-3', '4e-3'):
+                for seed in (1, 2, 3):
+                    tuned = lr == best[shape, 'nca' if arm == 'shuffled' else arm]
+                    final = 1.5 + (0 if tuned else 0.05) + (gap[shape] if arm != 'scratch' else 0)
+                    if shape == 'w256' and arm == 'nca' and lr == '2e-3':
+                        final = 1.5 + 0.10  # width 128's NCA lr, carried over
+                    fake_run(tmp_path / f's2-{shape}-{arm}-lr{lr}-s{seed}', lr, seed, final, width)
+        for arm in ('nca', 'shuffled'):
+            for seed in (1, 2, 3):
+                folder = tmp_path / f's1-{shape}-{arm}-lr3e-4-it100-s{seed}'
+                folder.mkdir(exist_ok=True)
+                (folder / 'done').write_text('')
+    env = {**tune_env(tmp_path), 'SIZES': 'tiny:3,w256:3', 'LRS_w256': '5e-4 1e-3 2e-3'}
+    p = subprocess.run(['bash', os.path.join(ROOT, 'tests', 'tune.sh'), 'sizes'], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / 'lrs-tiny.env').read_text() == 'SCRATCH_LR=1e-3\nNCA_LR=2e-3\n'
+    assert (tmp_path / 'lrs-w256.env').read_text() == 'SCRATCH_LR=5e-4\nNCA_LR=1e-3\n'
+    assert os.readlink(tmp_path / 'heldout' / 'w256-nca-s3') == '../s2-w256-nca-lr1e-3-s3'
+    assert os.readlink(tmp_path / 'untuned' / 'w256-nca-s3') == '../s2-w256-nca-lr2e-3-s3'
+    trend = json.loads((tmp_path / 'trend-untuned.json').read_text())
+    scores = trend['scores']
+    assert scores['tuned: 2x256 nca - scratch'] == pytest.approx(0.02)
+    assert scores['untuned: 2x256 nca - scratch'] == pytest.approx(0.10 - 0.05)  # scratch at 1e-3 is 0.05 off too
+    assert scores['untuned: 2x128 nca - scratch'] == scores['tuned: 2x128 nca - scratch'] == pytest.approx(-0.01)

@@ -113,7 +113,10 @@ tuned() {  # tuned SHAPE: SCRATCH_LR and NCA_LR chosen at SHAPE, from OUT/lrs-SH
 }
 
 shapes() { IFS=, read -r -a sizes <<< "$SIZES"; for x in "${sizes[@]}"; do echo "${x%%:*}"; done; }
-seeds_of() { IFS=, read -r -a sizes <<< "$SIZES"; for x in "${sizes[@]}"; do [ "${x%%:*}" = "$1" ] && echo "${x#*:}"; done; }
+seeds_of() {  # seeds_of SHAPE: its held-out seeds
+  IFS=, read -r -a sizes <<< "$SIZES"
+  for x in "${sizes[@]}"; do if [ "${x%%:*}" = "$1" ]; then echo "${x#*:}"; fi; done
+}
 
 runs() {  # runs PHASE: one line per run: out_dir|the stage-1 out_dir it starts from (or -)|flags
   local s lr it shape
